@@ -1,0 +1,199 @@
+"""Phase 2 of a conversion: spooled samples -> shuffled tar shards, Parquet indices, manifest.
+
+Pure planning (:func:`assign_split`, :func:`plan_shards`) is separate from the writing. Every file is
+written under a temporary name and renamed; the manifest is written last, so an interrupted run never
+leaves output that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.schema import FORMAT_VERSION, INDEX_DIR, MEMBER_EXT, REJECTED_NAME, SPLITS
+
+TAR_BLOCK = 512
+
+
+def assign_split(key: str, val_fraction: float, test_fraction: float) -> str:
+    """A stable split from the key alone, so adding data never moves existing samples between splits."""
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def member_bytes(size: int) -> int:
+    """Bytes a member of ``size`` takes in a tar: header plus padded data."""
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def plan_shards(entries: list[dict], domain: str, split: str, seed: int, target_bytes: int) -> list[list[dict]]:
+    """Seeded global permutation of one domain/split, cut into shards of about ``target_bytes``.
+
+    ``entries`` must come in a canonical order (sorted by source and record) so that the plan does
+    not depend on how many workers parsed the inputs.
+    """
+    if not entries:
+        return []
+    rng = np.random.default_rng([seed, zlib.crc32(domain.encode()), SPLITS.index(split)])
+    order = rng.permutation(len(entries))
+    shards, current, size = [], [], 0
+    for i in order:
+        e = entries[i]
+        current.append(e)
+        size += member_bytes(e["size"])
+        if size >= target_bytes:
+            shards.append(current)
+            current, size = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+class _HashingWriter(io.RawIOBase):
+    """File wrapper that hashes what passes through (tarfile needs write and tell)."""
+
+    def __init__(self, f):
+        self.f, self.h, self.pos = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.f.write(b)
+        self.h.update(b)
+        self.pos += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.pos
+
+
+@dataclass
+class ShardInfo:
+    path: str
+    domain: str
+    split: str
+    samples: int
+    atoms: int
+    bytes: int
+    sha256: str
+
+
+def write_shard(out_root: Path, rel_path: str, members: list[dict], domain: str, split: str) -> tuple[ShardInfo, list[dict]]:
+    """Write one tar shard (deterministic headers) and return its info and its index rows."""
+    final = out_root / rel_path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    rows = []
+    spools: dict[str, object] = {}
+    try:
+        with open(tmp, "wb") as raw:
+            hw = _HashingWriter(raw)
+            with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for e in members:
+                    f = spools.get(e["spool"])
+                    if f is None:
+                        f = spools[e["spool"]] = open(e["spool"], "rb")  # noqa: SIM115 - closed below
+                    f.seek(e["spool_offset"])
+                    data = f.read(e["size"])
+                    info = tarfile.TarInfo(f"{e['key']}.{MEMBER_EXT}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, io.BytesIO(data))
+                    data_offset = tar.offset - -(-len(data) // TAR_BLOCK) * TAR_BLOCK
+                    rows.append({
+                        "key": e["key"], "domain": domain, "split": split, "shard": rel_path,
+                        "offset": data_offset, "size": len(data), "num_atoms": e["num_atoms"],
+                        "num_bonds": e["num_bonds"], "num_edges": e["num_edges"],
+                        "source": e["source"], "record": e["record"],
+                    })
+            size = hw.pos
+            digest = hw.h.hexdigest()
+        os.replace(tmp, final)
+    finally:
+        for f in spools.values():
+            f.close()
+        tmp.unlink(missing_ok=True)
+    atoms = sum(e["num_atoms"] for e in members)
+    return ShardInfo(rel_path, domain, split, len(members), atoms, size, digest), rows
+
+
+_INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()), ("domain", pa.string()), ("split", pa.string()), ("shard", pa.string()),
+    ("offset", pa.int64()), ("size", pa.int64()), ("num_atoms", pa.int32()), ("num_bonds", pa.int32()),
+    ("num_edges", pa.int32()), ("source", pa.string()), ("record", pa.int32()),
+])
+
+
+def write_index(out_root: Path, domain: str, rows: list[dict]) -> str:
+    rel = f"{INDEX_DIR}/{domain}.parquet"
+    final = out_root / rel
+    final.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=_INDEX_SCHEMA)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, final)
+    return rel
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def write_rejected(out_root: Path, rejected: Iterable[dict]) -> None:
+    tmp = out_root / (REJECTED_NAME + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        for r in rejected:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(tmp, out_root / REJECTED_NAME)
+
+
+def manifest(shards: list[ShardInfo], index: dict[str, str], options: dict, n_rejected: int) -> dict:
+    domains: dict[str, dict] = {}
+    for s in shards:
+        d = domains.setdefault(s.domain, {"samples": 0, "atoms": 0, "splits": {}})
+        d["samples"] += s.samples
+        d["atoms"] += s.atoms
+        sp = d["splits"].setdefault(s.split, {"samples": 0, "atoms": 0, "shards": 0})
+        sp["samples"] += s.samples
+        sp["atoms"] += s.atoms
+        sp["shards"] += 1
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_by": "shards_tools.convert",
+        "options": options,
+        "domains": domains,
+        "shards": [vars(s) for s in shards],
+        "index": index,
+        "rejected": n_rejected,
+    }
+
+
+def remove_stale(out_root: Path, keep: set[str], domains: Iterable[str]) -> None:
+    """Delete shards and indices of an earlier run that the new plan does not contain."""
+    for d in domains:
+        for p in (out_root / d).glob(f"{d}-*.tar"):
+            if f"{d}/{p.name}" not in keep:
+                p.unlink()
+    for p in (out_root / INDEX_DIR).glob("*.parquet") if (out_root / INDEX_DIR).exists() else []:
+        if f"{INDEX_DIR}/{p.name}" not in keep:
+            p.unlink()
+
