@@ -1,0 +1,315 @@
+"""Multi-head attention over packed atoms, with interchangeable backends.
+
+Three kinds of attention, all over a batch of ``N`` atoms packed back to back (``ptr`` delimits
+the ``G`` molecules):
+
+- ``M``: each atom attends to its graph neighbours (``edge_index``) and itself;
+- ``S``: each atom attends to every atom of its own molecule;
+- ``P``: ``k`` learned seeds attend to every atom of a molecule (pooling): output [G, k, D].
+
+Backends (all take and return packed tensors; masks are never dropped):
+
+- ``dense``: the reference. Pads every molecule to the longest one and applies explicit boolean
+  masks with plain ``softmax(QKᵀ/√d)·V``; small and obviously correct, quadratic in the longest
+  molecule times the number of molecules. Tests compare every other backend to it.
+- ``sparse``: ``M`` is edge-wise (scores on the neighbour list, segment softmax, scatter-add):
+  O(edges), never O(N²). ``S`` and ``P`` group molecules of similar length into buckets (lengths
+  within a factor 1.25) and call PyTorch SDPA on each bucket with a key-padding mask: padding waste
+  is bounded and no cross-molecule score is ever computed.
+- ``flash``: flash-attn's varlen kernel for ``S`` and ``P`` (packed atoms, ``cu_seqlens``, no
+  padding; CUDA and fp16/bf16 only) and the edge-wise kernel for ``M`` (flash-attn has no
+  arbitrary masks, and dropping the ``M`` mask is not an option).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+BUCKET_RATIO = 1.25
+"""Molecules whose lengths are within this factor share an SDPA call in the sparse backend."""
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """Turn ``auto`` into a concrete backend and check that the asked-for one can run here."""
+    if name == "auto":
+        return "flash" if device.type == "cuda" and flash_attn_available() else "sparse"
+    if name == "flash":
+        if device.type != "cuda":
+            raise ValueError(f"model.backend='flash' needs a CUDA device, the model is on {device}; use 'auto' or 'sparse'")
+        if not flash_attn_available():
+            raise ValueError("model.backend='flash' needs flash-attn: `pip install .[gpu]`, or use 'auto' or 'sparse'")
+    return name
+
+
+@dataclass
+class Bucket:
+    """Molecules padded together to length ``length`` for one SDPA call."""
+
+    graphs: Tensor  # long [b]: graph ids
+    index: Tensor  # long [b, L]: packed atom index, N (a zero row) at padding
+    valid: Tensor  # bool [b, L]
+    length: int
+
+
+@dataclass
+class AttentionLayout:
+    """Everything the attention kernels need about one batch, computed once and shared by all blocks."""
+
+    num_atoms: int
+    num_graphs: int
+    ptr: Tensor  # long [G+1]
+    batch: Tensor  # long [N]
+    counts: Tensor  # long [G]
+    max_count: int
+    nbr_src: Tensor  # long [E+N]: key atom of each (neighbour or self) pair
+    nbr_dst: Tensor  # long [E+N]: query atom
+    local: Tensor  # long [N]: position of each atom inside its molecule
+    buckets: list[Bucket]
+    cu_seqlens: Tensor  # int32 [G+1]
+
+    @staticmethod
+    def build(ptr: Tensor, batch: Tensor, edge_index: Tensor) -> AttentionLayout:
+        n = int(batch.shape[0])
+        g = int(ptr.shape[0]) - 1
+        counts = ptr[1:] - ptr[:-1]
+        if n and (edge_index.numel() and bool((batch[edge_index[0]] != batch[edge_index[1]]).any())):
+            raise ValueError("batch.edge_index links atoms of different molecules; the radius graph must stay within one")
+        self_loop = torch.arange(n, device=batch.device)
+        edge_index = edge_index[:, edge_index[0] != edge_index[1]]  # self is added exactly once below
+        nbr_src = torch.cat([edge_index[0], self_loop])
+        nbr_dst = torch.cat([edge_index[1], self_loop])
+        local = self_loop - ptr[batch] if n else self_loop
+        counts_list = counts.tolist()
+        return AttentionLayout(
+            num_atoms=n,
+            num_graphs=g,
+            ptr=ptr,
+            batch=batch,
+            counts=counts,
+            max_count=max(counts_list, default=0),
+            nbr_src=nbr_src,
+            nbr_dst=nbr_dst,
+            local=local,
+            buckets=_make_buckets(counts_list, ptr, n),
+            cu_seqlens=ptr.to(torch.int32),
+        )
+
+
+def _make_buckets(counts: list[int], ptr: Tensor, n: int) -> list[Bucket]:
+    dev = ptr.device
+    order = sorted((c, i) for i, c in enumerate(counts) if c > 0)
+    groups: list[list[int]] = []
+    start_len = None
+    for c, i in order:
+        if start_len is None or c > start_len * BUCKET_RATIO:
+            groups.append([])
+            start_len = c
+        groups[-1].append(i)
+    buckets = []
+    for grp in groups:
+        gid = torch.tensor(grp, device=dev, dtype=torch.long)
+        length = max(counts[i] for i in grp)
+        ar = torch.arange(length, device=dev)  # [L]
+        cnt = (ptr[gid + 1] - ptr[gid]).unsqueeze(1)  # [b, 1]
+        valid = ar.unsqueeze(0) < cnt  # [b, L]
+        index = torch.where(valid, ptr[gid].unsqueeze(1) + ar, torch.full_like(valid, n, dtype=torch.long))
+        buckets.append(Bucket(graphs=gid, index=index, valid=valid, length=length))
+    return buckets
+
+
+# ---------------------------------------------------------------------------------------------
+# dense reference
+
+
+def _to_padded(x: Tensor, layout: AttentionLayout) -> Tensor:
+    """[N, H, d] -> [G, H, Lmax, d] (zeros at padding)."""
+    out = x.new_zeros(layout.num_graphs, layout.max_count, *x.shape[1:])  # [G, L, H, d]
+    out[layout.batch, layout.local] = x
+    return out.transpose(1, 2)  # [G, H, L, d]
+
+
+def _dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> Tensor:
+    """Explicit ``softmax(QKᵀ/√d + mask)·V``; q [B, H, Lq, d], k/v [B, H, Lk, d], mask bool [B, 1|H, Lq, Lk]."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, Lq, Lk]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype)
+    probs = F.dropout(probs, dropout_p)
+    return probs @ v  # [B, H, Lq, d]
+
+
+def dense_atoms(q: Tensor, k: Tensor, v: Tensor, kind: str, layout: AttentionLayout, dropout_p: float) -> Tensor:
+    g, lmax = layout.num_graphs, layout.max_count
+    dev = q.device
+    ar = torch.arange(lmax, device=dev)
+    valid = ar.unsqueeze(0) < layout.counts.unsqueeze(1)  # [G, L]
+    if kind == "S":
+        mask = valid.unsqueeze(1).expand(g, lmax, lmax).clone()  # [G, Lq, Lk]: every key of the molecule
+    else:  # M
+        mask = torch.zeros(g, lmax, lmax, dtype=torch.bool, device=dev)
+        gid = layout.batch[layout.nbr_dst]
+        mask[gid, layout.local[layout.nbr_dst], layout.local[layout.nbr_src]] = True
+    mask |= torch.eye(lmax, dtype=torch.bool, device=dev).unsqueeze(0) & ~valid.unsqueeze(2)  # padded queries: self
+    out = _dense_attention(
+        _to_padded(q, layout), _to_padded(k, layout), _to_padded(v, layout), mask.unsqueeze(1), dropout_p
+    )  # [G, H, L, d]
+    return out.transpose(1, 2)[layout.batch, layout.local]  # [N, H, d]
+
+
+def dense_pool(seeds: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float) -> Tensor:
+    """seeds [S, H, d] attend to the atoms of each molecule -> [G, S, H, d]."""
+    g, lmax = layout.num_graphs, layout.max_count
+    valid = torch.arange(lmax, device=k.device).unsqueeze(0) < layout.counts.unsqueeze(1)  # [G, L]
+    q = seeds.transpose(0, 1).unsqueeze(0).expand(g, -1, -1, -1)  # [G, H, S, d]
+    mask = valid[:, None, None, :]  # [G, 1, 1, L]
+    out = _dense_attention(q, _to_padded(k, layout), _to_padded(v, layout), mask, dropout_p)  # [G, H, S, d]
+    return out.transpose(1, 2)  # [G, S, H, d]
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse: edge-wise M, length-bucketed SDPA for S and P
+
+
+def edge_attention(q: Tensor, k: Tensor, v: Tensor, src: Tensor, dst: Tensor, dropout_p: float) -> Tensor:
+    """Attention of each query atom ``dst`` over its listed keys ``src``; q/k/v [N, H, d] -> [N, H, d]."""
+    n, h, d = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32, fp64 stays fp64
+    scores = (q[dst].to(acc) * k[src].to(acc)).sum(-1) / math.sqrt(d)  # [E, H]
+    smax = torch.full((n, h), float("-inf"), device=q.device, dtype=acc).scatter_reduce(
+        0, dst.unsqueeze(1).expand(-1, h), scores, reduce="amax", include_self=True
+    )  # [N, H]
+    e = torch.exp(scores - smax[dst].detach())  # [E, H]
+    denom = torch.zeros(n, h, device=q.device, dtype=acc).index_add_(0, dst, e)  # [N, H]
+    probs = (e / denom[dst]).to(v.dtype)  # [E, H]
+    probs = F.dropout(probs, dropout_p)
+    return torch.zeros_like(v).index_add_(0, dst, probs.unsqueeze(-1) * v[src])  # [N, H, d]
+
+
+def _gather_bucket(x: Tensor, b: Bucket) -> Tensor:
+    """[N, H, d] -> [b, H, L, d] with zeros at padding."""
+    xz = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # [N+1, H, d]
+    return xz[b.index].transpose(1, 2)  # [b, H, L, d]
+
+
+def bucketed_atoms(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float) -> Tensor:
+    out = torch.zeros_like(q)  # [N, H, d]
+    for b in layout.buckets:
+        # single-length bucket needs no mask, which lets SDPA pick its fused kernel
+        mask = None if bool(b.valid.all()) else b.valid[:, None, None, :]  # [b, 1, 1, L]
+        o = F.scaled_dot_product_attention(
+            _gather_bucket(q, b), _gather_bucket(k, b), _gather_bucket(v, b), attn_mask=mask, dropout_p=dropout_p
+        )  # [b, H, L, d]
+        out[b.index[b.valid]] = o.transpose(1, 2)[b.valid]
+    return out
+
+
+def bucketed_pool(seeds: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float) -> Tensor:
+    s, h, d = seeds.shape
+    out = seeds.new_zeros(layout.num_graphs, s, h, d)  # [G, S, H, d]
+    for b in layout.buckets:
+        mask = None if bool(b.valid.all()) else b.valid[:, None, None, :]
+        q = seeds.transpose(0, 1).unsqueeze(0).expand(b.graphs.shape[0], -1, -1, -1)  # [b, H, S, d]
+        o = F.scaled_dot_product_attention(
+            q, _gather_bucket(k, b), _gather_bucket(v, b), attn_mask=mask, dropout_p=dropout_p
+        )  # [b, H, S, d]
+        out[b.graphs] = o.transpose(1, 2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# flash-attn varlen (CUDA)
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, p: float) -> Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    out = flash_attn_varlen_func(
+        q.to(dt), k.to(dt), v.to(dt), cu_q, cu_k, max_q, max_k, dropout_p=p, softmax_scale=1.0 / math.sqrt(q.shape[-1])
+    )
+    return out.to(q.dtype)
+
+
+def flash_atoms(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float) -> Tensor:
+    cu, m = layout.cu_seqlens, layout.max_count
+    return _flash(q, k, v, cu, cu, m, m, dropout_p)  # [N, H, d]
+
+
+def flash_pool(seeds: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float) -> Tensor:
+    s, h, d = seeds.shape
+    g = layout.num_graphs
+    q = seeds.unsqueeze(0).expand(g, -1, -1, -1).reshape(g * s, h, d)  # [G*S, H, d]
+    cu_q = torch.arange(g + 1, device=k.device, dtype=torch.int32) * s
+    out = _flash(q, k, v, cu_q, layout.cu_seqlens, s, layout.max_count, dropout_p)  # [G*S, H, d]
+    return out.view(g, s, h, d)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def attend_atoms(q: Tensor, k: Tensor, v: Tensor, kind: str, layout: AttentionLayout, backend: str, p: float) -> Tensor:
+    """M or S attention of packed atoms; q/k/v [N, H, d] -> [N, H, d]."""
+    if layout.num_atoms == 0:
+        return torch.zeros_like(q)
+    if backend == "dense":
+        return dense_atoms(q, k, v, kind, layout, p)
+    if kind == "M":
+        return edge_attention(q, k, v, layout.nbr_src, layout.nbr_dst, p)
+    if backend == "flash":
+        return flash_atoms(q, k, v, layout, p)
+    return bucketed_atoms(q, k, v, layout, p)
+
+
+def attend_pool(seeds: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, backend: str, p: float) -> Tensor:
+    """Seeds [S, H, d] attend to each molecule's atoms (k/v [N, H, d]) -> [G, S, H, d]."""
+    if layout.num_graphs == 0:
+        return seeds.new_zeros(0, *seeds.shape)
+    if backend == "dense":
+        return dense_pool(seeds, k, v, layout, p)
+    if backend == "flash":
+        return flash_pool(seeds, k, v, layout, p)
+    return bucketed_pool(seeds, k, v, layout, p)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate Q, K, V projections (V is projected from the input, never
+    from K) and an output projection."""
+
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_dropout = attn_dropout
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(*x.shape[:-1], self.num_heads, self.head_dim)  # [..., D] -> [..., H, d]
+
+    def forward(self, x: Tensor, kind: str, layout: AttentionLayout, backend: str) -> Tensor:
+        """Self-attention of packed atoms x [N, D] -> [N, D]."""
+        p = self.attn_dropout if self.training else 0.0
+        o = attend_atoms(
+            self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x)), kind, layout, backend, p
+        )  # [N, H, d]
+        return self.out(o.reshape(x.shape[0], -1))  # [N, D]
+
+    def pool(self, seeds: Tensor, x: Tensor, layout: AttentionLayout, backend: str) -> Tensor:
+        """Seeds [S, D] attend to each molecule of x [N, D] -> [G, S, D]."""
+        p = self.attn_dropout if self.training else 0.0
+        o = attend_pool(self._heads(self.q(seeds)), self._heads(self.k(x)), self._heads(self.v(x)), layout, backend, p)
+        return self.out(o.reshape(*o.shape[:2], -1))  # [G, S, H, d] -> [G, S, D]

@@ -1,0 +1,156 @@
+"""Atom encoder: element and period embeddings, a Gaussian basis over neighbour distances, and
+SE(3)-invariant per-atom geometry.
+
+The encoder reads geometry only through the lengths of the edges in ``batch.edge_index`` (the
+loader has already removed the held-out short-range pairs from it) and chemistry only through the
+*masked* atom types, so neither task target can reach the features. Everything it computes is a
+function of interatomic distances and graph degrees: invariant to rotation, translation and atom
+permutation by construction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+
+NUM_ELEMENTS = 118
+"""Atomic numbers 1..118 are valid elements."""
+PAD_TOKEN = 0
+"""Type index of padding (never produced for a real atom)."""
+MASK_TOKEN = NUM_ELEMENTS + 1
+"""Type index that replaces a masked atom's element; distinct from padding and from every element."""
+NUM_TYPES = NUM_ELEMENTS + 2
+"""Size of the atom-type vocabulary: padding, 118 elements, mask."""
+MASK_PERIOD = 8
+"""Period index of a masked atom (real periods are 1..7, padding 0)."""
+
+# first atomic number of periods 2..7; period(Z) = 1 + number of starts <= Z
+_PERIOD_STARTS = torch.tensor([3, 11, 19, 37, 55, 87])
+
+NUM_GEOMETRY_FEATURES = 5
+"""bond count, close-neighbour count, cutoff-neighbour count, nearest distance, mean close distance."""
+
+
+def period_of(z: Tensor) -> Tensor:
+    """Row of the periodic table of each atomic number (1..7)."""
+    return 1 + torch.bucketize(z, _PERIOD_STARTS.to(z.device), right=True)
+
+
+def masked_types(z: Tensor, mlm_mask: Tensor) -> Tensor:
+    """Atom-type indices the model may see: the element, or :data:`MASK_TOKEN` where masked."""
+    if z.numel() and (int(z.min()) < 1 or int(z.max()) > NUM_ELEMENTS):
+        bad = z[(z < 1) | (z > NUM_ELEMENTS)][:5].tolist()
+        raise ValueError(
+            f"batch.z holds atomic numbers {bad} outside 1..{NUM_ELEMENTS}; "
+            "the converter must drop or fix such atoms (dummy/unknown elements)"
+        )
+    return torch.where(mlm_mask, torch.full_like(z, MASK_TOKEN), z)
+
+
+class GaussianLayer(nn.Module):
+    """Graphormer-3D / Uni-Mol Gaussian basis: per pair-type affine ``mul·d + bias``, then K Gaussians
+    with learned means and widths."""
+
+    def __init__(self, num_gaussians: int, num_types: int, cutoff_A: float) -> None:
+        super().__init__()
+        self.num_types = num_types
+        self.means = nn.Parameter(torch.linspace(0.0, cutoff_A, num_gaussians))
+        self.stds = nn.Parameter(torch.full((num_gaussians,), 2.0 * cutoff_A / num_gaussians + 0.1))
+        self.mul = nn.Embedding(num_types * num_types, 1)
+        self.bias = nn.Embedding(num_types * num_types, 1)
+        nn.init.ones_(self.mul.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, dist: Tensor, type_dst: Tensor, type_src: Tensor) -> Tensor:
+        pair = type_dst * self.num_types + type_src  # [E]
+        x = self.mul(pair) * dist.unsqueeze(-1) + self.bias(pair)  # [E, 1]
+        std = self.stds.abs() + 1e-3
+        return torch.exp(-0.5 * ((x - self.means) / std) ** 2) / (math.sqrt(2 * math.pi) * std)  # [E, K]
+
+
+def cosine_envelope(dist: Tensor, cutoff: float) -> Tensor:
+    """Smooth weight 1 at d=0 falling to 0 at the cutoff (0 beyond)."""
+    return torch.where(dist < cutoff, 0.5 * (torch.cos(dist * (math.pi / cutoff)) + 1.0), torch.zeros_like(dist))
+
+
+def geometry_features(
+    num_atoms: int, edge_index: Tensor, dist: Tensor, bond_index: Tensor, cutoff: float, close: float
+) -> Tensor:
+    """Invariant per-atom features [N, 5] from edge lengths and bond degrees (isolated atoms get
+    the cutoff as their nearest and mean distance)."""
+    dst = edge_index[1]
+    dev, dt = dist.device, dist.dtype
+    ones = torch.ones_like(dist)
+    in_cut = dist <= cutoff
+    in_close = dist <= close
+    n_bond = torch.zeros(num_atoms, device=dev, dtype=dt).index_add_(
+        0, bond_index[1], torch.ones(bond_index.shape[1], device=dev, dtype=dt)
+    )
+    n_cut = torch.zeros(num_atoms, device=dev, dtype=dt).index_add_(0, dst, ones * in_cut)
+    n_close = torch.zeros(num_atoms, device=dev, dtype=dt).index_add_(0, dst, ones * in_close)
+    nearest = torch.full((num_atoms,), cutoff, device=dev, dtype=dt).scatter_reduce(
+        0, dst, torch.where(in_cut, dist, torch.full_like(dist, cutoff)), reduce="amin", include_self=True
+    )
+    close_sum = torch.zeros(num_atoms, device=dev, dtype=dt).index_add_(0, dst, dist * in_close)
+    mean_close = torch.where(n_close > 0, close_sum / n_close.clamp(min=1), torch.full_like(close_sum, close))
+    return torch.stack(
+        [torch.log1p(n_bond), torch.log1p(n_close), torch.log1p(n_cut), nearest / close, mean_close / close], dim=-1
+    )  # [N, 5]
+
+
+@torch.no_grad()
+def random_walk_pe(num_atoms: int, bond_index: Tensor, steps: int) -> Tensor:
+    """Return probabilities ``diag(P^k)``, k = 1..steps, of the random walk on the covalent-bond
+    graph, [N, steps]; atoms without bonds get zeros. Sparse, so proteins stay cheap."""
+    dev = bond_index.device
+    src, dst = bond_index
+    deg = torch.zeros(num_atoms, device=dev).index_add_(0, src, torch.ones(src.shape[0], device=dev))
+    val = 1.0 / deg[src]
+    p = torch.sparse_coo_tensor(torch.stack([src, dst]), val, (num_atoms, num_atoms)).coalesce()
+    out = torch.zeros(num_atoms, steps, device=dev)
+    m = p
+    for k in range(steps):
+        if k:
+            m = torch.sparse.mm(m, p).coalesce()
+        idx, v = m.indices(), m.values()
+        on_diag = idx[0] == idx[1]
+        out[idx[0][on_diag], k] = v[on_diag]
+    return out
+
+
+class AtomEncoder(nn.Module):
+    """Initial atom embeddings [N, D] of a batch: element + period + geometry + Gaussian basis (+ RWPE)."""
+
+    def __init__(self, cfg: ModelConfig, out_dim: int) -> None:
+        super().__init__()
+        self.cutoff = cfg.cutoff_A
+        self.close = cfg.close_cutoff_A
+        self.rwpe_steps = cfg.rwpe_steps
+        self.type_embed = nn.Embedding(NUM_TYPES, out_dim, padding_idx=PAD_TOKEN)
+        self.period_embed = nn.Embedding(MASK_PERIOD + 1, out_dim, padding_idx=0)
+        self.gaussian = GaussianLayer(cfg.num_gaussians, NUM_TYPES, cfg.cutoff_A)
+        self.gaussian_proj = nn.Sequential(
+            nn.Linear(cfg.num_gaussians, cfg.num_gaussians), nn.GELU(), nn.Linear(cfg.num_gaussians, out_dim)
+        )
+        n_geo = NUM_GEOMETRY_FEATURES + cfg.rwpe_steps
+        self.geometry_proj = nn.Sequential(nn.Linear(n_geo, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, z: Tensor, pos: Tensor, mlm_mask: Tensor, edge_index: Tensor, bond_index: Tensor) -> Tensor:
+        n = z.shape[0]
+        types = masked_types(z, mlm_mask)  # [N]; no masked element survives past this line
+        period = torch.where(mlm_mask, torch.full_like(z, MASK_PERIOD), period_of(z))  # [N]
+        src, dst = edge_index
+        dist = (pos[dst] - pos[src]).norm(dim=-1)  # [E] Å
+        feats = geometry_features(n, edge_index, dist, bond_index, self.cutoff, self.close)  # [N, 5]
+        if self.rwpe_steps:
+            feats = torch.cat([feats, random_walk_pe(n, bond_index, self.rwpe_steps).to(feats.dtype)], dim=-1)
+        env = cosine_envelope(dist, self.cutoff)  # [E]
+        g = self.gaussian(dist, types[dst], types[src]) * env.unsqueeze(-1)  # [E, K]
+        g_sum = torch.zeros(n, g.shape[1], device=g.device, dtype=g.dtype).index_add_(0, dst, g)  # [N, K]
+        env_sum = torch.zeros(n, device=g.device, dtype=g.dtype).index_add_(0, dst, env)  # [N]
+        g_mean = g_sum / env_sum.clamp(min=1.0).unsqueeze(-1)  # [N, K]
+        return self.type_embed(types) + self.period_embed(period) + self.gaussian_proj(g_mean) + self.geometry_proj(feats)
