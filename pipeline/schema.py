@@ -21,7 +21,8 @@ name            dtype        meaning
 ``atom_name``   uint8 [N,4]  optional: PDB atom name, ASCII, NUL padded
 ==============  ===========  =================================================================
 
-Metadata keys: see :data:`META_KEYS`.
+Metadata header: one entry, ``sample``, a sorted JSON object with ``format_version`` and the fields of
+:data:`SAMPLE_FIELDS` (one string, so the bytes do not depend on safetensors' hash-map order).
 
 Layout of a shards root (local folder, ``http(s)://`` or ``s3://`` prefix)::
 
@@ -56,7 +57,7 @@ MANIFEST_NAME = "manifest.json"
 INDEX_DIR = "index"
 REJECTED_NAME = "rejected.jsonl"
 
-META_KEYS = ("format_version", "key", "domain", "source", "record", "mol_id", "radius_A", "max_neighbors", "chains")
+SAMPLE_FIELDS = ("key", "domain", "source", "record", "mol_id", "radius_A", "max_neighbors", "chains")
 
 BOND_UNKNOWN, BOND_SINGLE, BOND_DOUBLE, BOND_TRIPLE, BOND_AROMATIC = 0, 1, 2, 3, 4
 
@@ -150,8 +151,7 @@ def encode_sample(s: Sample) -> bytes:
         arrays["chain"] = np.ascontiguousarray(s.chain, dtype=np.uint16)
     if s.atom_name is not None:
         arrays["atom_name"] = np.ascontiguousarray(s.atom_name, dtype=np.uint8).reshape(-1, 4)
-    meta = {
-        "format_version": str(FORMAT_VERSION),
+    fields = {
         "key": s.key,
         "domain": s.domain,
         "source": s.source,
@@ -161,6 +161,9 @@ def encode_sample(s: Sample) -> bytes:
         "max_neighbors": str(int(s.max_neighbors)),
         "chains": json.dumps(s.chains),
     }
+    # One metadata entry only: safetensors keeps metadata in a hash map whose order varies between
+    # processes, so the fields travel as one sorted JSON string to keep shards byte-identical.
+    meta = {"sample": json.dumps({"format_version": FORMAT_VERSION, **fields}, sort_keys=True)}
     return _st_save(arrays, metadata=meta)
 
 
@@ -192,7 +195,11 @@ def check_version(version: object, where: str) -> None:
 
 def decode_sample(data: bytes, where: str = "sample") -> Sample:
     """Parse the bytes of one member; never unpickles. Raises :class:`SchemaError` on bad bytes."""
-    meta = _read_header_metadata(data)
+    header = _read_header_metadata(data)
+    try:
+        meta = json.loads(header["sample"])
+    except (KeyError, json.JSONDecodeError):
+        raise SchemaError(f"{where}: metadata has no readable 'sample' entry") from None
     check_version(meta.get("format_version"), where)
     try:
         arrays = _st_load(data)

@@ -264,13 +264,15 @@ def _pt_data_list(obj) -> list:
         return [obj]
     if isinstance(obj, list | tuple) and obj and all(isinstance(d, Data) for d in obj):
         return list(obj)
-    if isinstance(obj, tuple) and len(obj) in (2, 3, 4) and isinstance(obj[1], dict):
+    if isinstance(obj, tuple) and len(obj) in (2, 3, 4) and (isinstance(obj[1], dict) or obj[1] is None):
         data, slices = obj[0], obj[1]
         if isinstance(data, dict):  # current PyG layout: (data.to_dict(), slices, sizes, data_cls)
             cls = obj[3] if len(obj) == 4 and isinstance(obj[3], type) else Data
             data = cls.from_dict(data)
         if not isinstance(data, Data):
             raise ValueError(f"unsupported .pt layout: first tuple element is {type(data).__name__}")
+        if slices is None:  # InMemoryDataset.collate of a single graph
+            return [data]
         first = next(iter(slices.values()))
         n = len(first) - 1
         return [separate(cls=data.__class__, batch=data, idx=i, slice_dict=slices, decrement=False) for i in range(n)]
