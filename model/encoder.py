@@ -103,15 +103,17 @@ def geometry_features(
 
 
 @torch.no_grad()
-def random_walk_pe(num_atoms: int, bond_index: Tensor, steps: int) -> Tensor:
+def random_walk_pe(num_atoms: int, bond_index: Tensor, steps: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Return probabilities ``diag(P^k)``, k = 1..steps, of the random walk on the covalent-bond
     graph, [N, steps]; atoms without bonds get zeros. Sparse, so proteins stay cheap."""
     dev = bond_index.device
     src, dst = bond_index
-    deg = torch.zeros(num_atoms, device=dev).index_add_(0, src, torch.ones(src.shape[0], device=dev))
+    deg = torch.zeros(num_atoms, device=dev, dtype=dtype).index_add_(0, src, torch.ones(src.shape[0], device=dev, dtype=dtype))
     val = 1.0 / deg[src]
-    p = torch.sparse_coo_tensor(torch.stack([src, dst]), val, (num_atoms, num_atoms)).coalesce()
-    out = torch.zeros(num_atoms, steps, device=dev)
+    p = torch.sparse_coo_tensor(
+        torch.stack([src, dst]), val, (num_atoms, num_atoms), check_invariants=False
+    ).coalesce()
+    out = torch.zeros(num_atoms, steps, device=dev, dtype=dtype)
     m = p
     for k in range(steps):
         if k:
@@ -147,7 +149,7 @@ class AtomEncoder(nn.Module):
         dist = (pos[dst] - pos[src]).norm(dim=-1)  # [E] Å
         feats = geometry_features(n, edge_index, dist, bond_index, self.cutoff, self.close)  # [N, 5]
         if self.rwpe_steps:
-            feats = torch.cat([feats, random_walk_pe(n, bond_index, self.rwpe_steps).to(feats.dtype)], dim=-1)
+            feats = torch.cat([feats, random_walk_pe(n, bond_index, self.rwpe_steps, feats.dtype)], dim=-1)
         env = cosine_envelope(dist, self.cutoff)  # [E]
         g = self.gaussian(dist, types[dst], types[src]) * env.unsqueeze(-1)  # [E, K]
         g_sum = torch.zeros(n, g.shape[1], device=g.device, dtype=g.dtype).index_add_(0, dst, g)  # [N, K]
