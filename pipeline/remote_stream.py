@@ -1,0 +1,367 @@
+"""A sequential reader over a remote object that survives faults.
+
+:class:`RemoteStream` asks a *source* (:class:`pipeline.s3.S3Source`,
+:class:`pipeline.http_source.HttpSource`) for the object from byte ``pos`` onwards, reads it in
+chunks, and when an attempt fails (timeout, connection reset, body cut short, 5xx) waits with
+exponential backoff and asks again from the last byte received: a Range request, guarded by the
+object's ETag so a replaced object is never spliced into the old one. Attempts without progress are
+bounded by ``max_attempts``; retries over the stream's life by ``max_total_retries``.
+
+With ``readahead_chunks > 0`` a daemon thread runs the fetch loop and keeps up to that many chunks
+queued, so the consumer (tar parsing, decoding) overlaps with the download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Protocol
+
+from pipeline.storage import ChecksumMismatchError, StorageError, StorageOptions, StorageStats, stats
+
+log = logging.getLogger(__name__)
+
+
+class TransientError(Exception):
+    """One attempt failed in a way worth retrying (internal: never escapes this package)."""
+
+
+class Response(Protocol):
+    size: int | None
+    """Total size of the object in bytes, when the server said."""
+    etag: str | None
+    """Validator of the object's version (ETag or Last-Modified), used to guard resumes."""
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; b"" at the end. Raises TransientError or StorageError."""
+
+    def close(self) -> None: ...
+
+
+class Source(Protocol):
+    url: str
+
+    def describe(self) -> str:
+        """The URL plus where it is fetched from, for error messages."""
+
+    def open(self, start: int, etag: str | None) -> Response:
+        """Request the object from byte ``start``. Raises TransientError or StorageError."""
+
+    def exists(self) -> bool: ...
+
+
+_EOF = object()
+
+
+def backoff_delay(opts: StorageOptions, failures: int, salt: str) -> float:
+    """Exponential backoff with deterministic jitter in [0.5, 1] of the nominal delay."""
+    nominal = min(opts.backoff_max_s, opts.backoff_s * (2 ** (failures - 1)))
+    return nominal * (0.5 + 0.5 * random.Random(f"{salt}:{failures}").random())
+
+
+class RemoteStream(io.RawIOBase):
+    """Read-only, resumable stream over one remote object; sequential, with cheap seeks.
+
+    ``read(n)`` returns exactly ``n`` bytes unless the end is reached. Errors surface as
+    :class:`StorageError` (subclasses: not found, checksum mismatch) naming the URL. The first
+    request is made in the constructor, so a missing object or bad credentials fail at open time.
+    ``seek`` to a short distance ahead reads through; anywhere else it issues a new Range request
+    (the shard index's byte offsets make this a random-access reader). A seek ends sha256
+    verification for the stream (the hash covers one sequential pass only).
+    """
+
+    def __init__(self, source: Source, opts: StorageOptions, *, sha256: str | None = None, readahead: bool = True):
+        super().__init__()
+        self.url = source.url
+        self.stats = StorageStats()
+        self._source, self._opts = source, opts
+        self._expected = sha256.lower() if sha256 else None
+        self._hash = hashlib.sha256() if sha256 else None
+        self._threaded = readahead and opts.readahead_chunks > 0
+        self._retries = 0  # over the stream's life
+        self._etag: str | None = None
+        self.size: int | None = None
+        self._buf = b""
+        self._off = 0
+        self._pos = 0  # logical position of the consumer
+        self._done = False
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._gen: Iterator[bytes] | None = None
+        self._queue: queue.Queue | None = None
+        self._count("streams")
+        first = self._request(0, [0], self._stop)  # fail fast: missing object, credentials
+        self.size, self._etag = first.size, first.etag
+        self._start(0, first)
+
+    # -- fetching (runs in the read-ahead thread when there is one) ---------------------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.stats.add(name, n)
+        stats.add(name, n)
+
+    def _start(self, pos: int, resp: Response | None) -> None:
+        """Begin producing chunks from byte ``pos`` (``resp``: an already-open response at ``pos``)."""
+        self._stop = stop = threading.Event()
+        gen = self._chunks(pos, resp, stop)
+        self._buf, self._off, self._done, self._error = b"", 0, False, None
+        if self._threaded:
+            self._gen = None
+            self._queue = q = queue.Queue(maxsize=self._opts.readahead_chunks)
+            threading.Thread(target=self._pump, args=(gen, q, stop), name=f"readahead {self.url}", daemon=True).start()
+        else:
+            self._gen, self._queue = gen, None
+
+    def _halt(self) -> None:
+        """Stop the current producer; its thread exits within ~0.1 s or one read timeout."""
+        self._stop.set()
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+        if self._queue is not None:
+            while True:  # free queued chunks now
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue = None
+
+    def _request(self, pos: int, failures: list[int], stop: threading.Event) -> Response:
+        while True:
+            try:
+                self._count("requests")
+                if pos:
+                    self._count("resumes")
+                return self._source.open(pos, self._etag)
+            except TransientError as e:
+                self._after_failure(e, pos, failures, stop)
+            except StorageError:
+                self._count("errors")
+                raise
+
+    def _after_failure(self, err: TransientError, pos: int, failures: list[int], stop: threading.Event) -> None:
+        """Count a failed attempt; sleep before the next one, or raise when the bounds are spent."""
+        failures[0] += 1
+        self._retries += 1
+        opts = self._opts
+        if failures[0] >= opts.max_attempts or self._retries > opts.max_total_retries:
+            self._count("errors")
+            of = f" of {self.size}" if self.size is not None else ""
+            raise StorageError(
+                f"reading {self._source.describe()} failed at byte {pos}{of} after {failures[0]} consecutive "
+                f"attempt(s) ({self._retries - 1} retries in total): {err}; check the endpoint and the network, "
+                "or raise storage.max_attempts / storage.read_timeout_s"
+            ) from err
+        self._count("retries")
+        delay = backoff_delay(opts, failures[0], self.url)
+        log.info("retrying %s at byte %d in %.2fs (attempt %d/%d): %s", self.url, pos, delay,
+                 failures[0] + 1, opts.max_attempts, err)
+        if stop.wait(delay):
+            raise StorageError(f"stream {self.url} closed while waiting to retry")
+
+    def _chunks(self, pos: int, resp: Response | None, stop: threading.Event) -> Iterator[bytes]:
+        failures = [0]  # consecutive failures without progress
+        n = self._opts.chunk_bytes
+        try:
+            while not stop.is_set():
+                try:
+                    if resp is None:
+                        resp = self._request(pos, failures, stop)
+                        if resp.size is not None and self.size is not None and resp.size != self.size:
+                            raise StorageError(
+                                f"{self._source.describe()} changed size from {self.size} to {resp.size} bytes "
+                                "while being read; re-run once the upload has finished"
+                            )
+                    chunk = resp.read(n)
+                    if not chunk and self.size is not None and pos < self.size:
+                        raise TransientError(f"connection closed at byte {pos} of {self.size}")
+                except TransientError as e:
+                    if resp is not None:
+                        resp.close()
+                    resp = None
+                    self._after_failure(e, pos, failures, stop)
+                    continue
+                if not chunk:
+                    return
+                pos += len(chunk)
+                failures[0] = 0
+                self._count("bytes_fetched", len(chunk))
+                yield chunk
+        finally:
+            if resp is not None:
+                resp.close()
+
+    @staticmethod
+    def _put(q: queue.Queue, stop: threading.Event, item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _pump(self, gen: Iterator[bytes], q: queue.Queue, stop: threading.Event) -> None:
+        terminal_sent = False
+        try:
+            for chunk in gen:
+                if not self._put(q, stop, chunk):
+                    return
+            terminal_sent = self._put(q, stop, _EOF)
+        except StorageError as e:
+            terminal_sent = self._put(q, stop, e)
+        finally:
+            gen.close()
+            if not terminal_sent and not stop.is_set():
+                self._put(q, stop, StorageError(f"read-ahead thread for {self.url} stopped unexpectedly (see the log)"))
+
+    # -- consuming -----------------------------------------------------------------------------
+
+    def _next_chunk(self) -> bytes | None:
+        if self._error is not None:
+            raise self._error
+        if self._done:
+            return None
+        try:
+            if self._gen is not None:
+                item: object = next(self._gen, _EOF)
+            else:
+                assert self._queue is not None
+                item = self._queue.get()
+        except StorageError as e:
+            self._error = e
+            raise
+        if item is _EOF:
+            self._done = True
+            self._verify()
+            return None
+        if isinstance(item, BaseException):
+            self._error = item
+            raise item
+        if self._hash is not None:
+            self._hash.update(item)  # type: ignore[arg-type]
+        return item  # type: ignore[return-value]
+
+    def _verify(self) -> None:
+        if self._hash is None:
+            return
+        got, self._hash = self._hash.hexdigest(), None
+        if got != self._expected:
+            self._count("checksum_mismatches")
+            self._error = ChecksumMismatchError(
+                f"sha256 mismatch for {self.url}: expected {self._expected}, got {got}; the object is corrupt or "
+                "differs from the manifest: re-upload the shard or rebuild the manifest"
+            )
+            raise self._error
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        if self.closed:
+            raise ValueError(f"I/O operation on closed stream {self.url}")
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if self.closed:
+            raise ValueError(f"seek on closed stream {self.url}")
+        if whence == io.SEEK_CUR:
+            offset += self._pos
+        elif whence == io.SEEK_END:
+            if self.size is None:
+                raise io.UnsupportedOperation(f"{self.url}: size unknown, cannot seek from the end")
+            offset += self.size
+        elif whence != io.SEEK_SET:
+            raise ValueError(f"invalid whence {whence}")
+        if offset < 0:
+            raise ValueError(f"negative seek position {offset}")
+        if offset == self._pos:
+            return offset
+        if self._hash is not None:
+            log.debug("%s: seek ends sha256 verification of this stream", self.url)
+            self._hash = None
+        gap = offset - self._pos
+        if 0 < gap <= self._opts.chunk_bytes * (self._opts.readahead_chunks + 1):
+            while gap > 0:  # near: the bytes are (probably) already fetched
+                got = len(self.read(min(gap, 1 << 20)))
+                if not got:
+                    break
+                gap -= got
+            self._pos = offset
+            return offset
+        self._halt()
+        self._pos = offset
+        if self.size is not None and offset >= self.size:
+            self._stop = threading.Event()
+            self._buf, self._off, self._done, self._error, self._gen, self._queue = b"", 0, True, None, None, None
+        else:
+            self._start(offset, None)
+        return offset
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError(f"read from closed stream {self.url}")
+        if size is None or size < 0:
+            parts = [self._buf[self._off :]]
+            self._buf, self._off = b"", 0
+            while (chunk := self._next_chunk()) is not None:
+                parts.append(chunk)
+            out = b"".join(parts)
+            self._pos += len(out)
+            return out
+        avail = len(self._buf) - self._off
+        if size <= avail:  # fast path: tarfile reads small blocks
+            out = self._buf[self._off : self._off + size]
+            self._off += size
+            self._pos += size
+            return out
+        parts = [self._buf[self._off :]]
+        got = avail
+        self._buf, self._off = b"", 0
+        while got < size:
+            chunk = self._next_chunk()
+            if chunk is None:
+                break
+            need = size - got
+            if len(chunk) > need:
+                parts.append(chunk[:need])
+                self._buf, self._off = chunk, need
+                got = size
+            else:
+                parts.append(chunk)
+                got += len(chunk)
+        self._pos += got
+        return b"".join(parts)
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        memoryview(b).cast("B")[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def close(self) -> None:
+        if not self.closed and hasattr(self, "_gen"):  # hasattr: the constructor may have raised
+            self._halt()
+        super().close()
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Poll ``predicate`` until true or ``timeout_s`` passes (bounded; for locks and servers)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
