@@ -1,0 +1,159 @@
+"""CPU train-step throughput of the chosen attention backend vs the dense padded reference.
+
+Builds one realistic mixed batch from the vendored demo structures (protein chains + QM9 small
+molecules + HMDB metabolites), then times forward + backward + AdamW step of the full-size model
+(``ModelConfig()`` defaults: ``M S M S M S P``, 256 wide, 16 heads) for each backend, each in its own
+subprocess so that peak memory (max RSS) is measured per backend. Prints one JSON line.
+
+The dense reference materialises [molecules, heads, Lmax, Lmax] scores per layer, so the default
+batch is sized for it to fit in a few GB (one protein + 23 small molecules); ``--no-dense`` lets the
+chosen backend run alone on bigger batches.
+
+    python benchmarks/model_step.py [--proteins 1] [--small 16] [--metabolites 7] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo" / "raw"
+# smallest demo proteins first, so the dense reference fits in memory
+PROTEINS = ["2xdgA.pdb", "2xcjA.pdb", "2cviA.pdb", "1i8nA.pdb", "1mr1D.pdb", "1lpbA.pdb"]
+DOMAINS = ["protein", "small_molecule", "metabolite", "rna"]
+
+log = logging.getLogger("model_step")
+
+
+def demo_batch(n_proteins: int, n_small: int, n_metabolites: int, seed: int = 0):
+    from pipeline.collate import CollateOptions, collate
+    from shards_tools.readers import format_of, read_file
+    from shards_tools.spool import ConvertOptions, to_sample
+    from shards_tools.structure import Structure
+
+    if n_proteins > len(PROTEINS):
+        raise SystemExit(f"--proteins {n_proteins}: at most {len(PROTEINS)} demo proteins are listed")
+
+    def read(rel: str, domain: str, limit: int):
+        path = DEMO / rel
+        out = []
+        for rec in read_file(path):
+            if isinstance(rec, Structure):
+                out.append(to_sample(rec, rel, domain, format_of(path), ConvertOptions()))
+            if len(out) >= limit:
+                break
+        return out
+
+    samples = [s for p in PROTEINS[:n_proteins] for s in read(f"protein/{p}", "protein", 1)]
+    samples += read("small_molecule/qm9_sample.xyz", "small_molecule", n_small)
+    samples += read("metabolite/metabolites_ccd_hmdb.sdf", "metabolite", n_metabolites)
+    ids = [DOMAINS.index(s.domain) for s in samples]
+    return collate(samples, ids, CollateOptions(), np.random.default_rng(seed))
+
+
+def train_step(net, opt, batch, backend: str, weights: dict[str, float]) -> float:
+    out = net(batch, backend=backend)
+    loss = sum(weights[t] * torch.nn.functional.cross_entropy(p.logits, p.target) for t, p in out.predictions.items())
+    loss = loss + 0.0 * out.graph_embeddings.sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+def worker(args) -> dict:
+    from model.config import ModelConfig, TasksConfig
+    from model.network import MolecularESA
+
+    torch.manual_seed(0)
+    batch = demo_batch(args.proteins, args.small, args.metabolites)
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tasks = TasksConfig()
+    net = MolecularESA(ModelConfig(), tasks).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    weights = {t: tasks.weight(t) for t in tasks.tasks}
+    train_step(net, opt, batch, args.worker, weights)  # warm-up
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        train_step(net, opt, batch, args.worker, weights)
+        times.append(time.perf_counter() - t0)
+    sec = float(np.median(times))
+    return {
+        "backend": args.worker,
+        "step_s": round(sec, 4),
+        "atoms_per_s": round(batch.num_nodes / sec, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_before_model_mb": round(rss_start, 1),
+        "atoms": batch.num_nodes,
+        "molecules": batch.num_graphs,
+        "max_atoms_per_molecule": int((batch.ptr[1:] - batch.ptr[:-1]).max()),
+        "edges": int(batch.edge_index.shape[1]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--proteins", type=int, default=1, help="demo protein chains in the batch (smallest first)")
+    ap.add_argument("--small", type=int, default=16, help="QM9 molecules in the batch")
+    ap.add_argument("--metabolites", type=int, default=7, help="HMDB metabolites in the batch")
+    ap.add_argument("--steps", type=int, default=3, help="timed train steps per backend (median reported)")
+    ap.add_argument("--backend", default="sparse", help="the chosen backend to compare with the dense reference")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense reference (for batches it cannot fit)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    results = {}
+    for backend in [args.backend] + ([] if args.no_dense else ["dense"]):
+        cmd = [sys.executable, __file__, "--worker", backend, "--proteins", str(args.proteins), "--small",
+               str(args.small), "--metabolites", str(args.metabolites), "--steps", str(args.steps),
+               "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            log.error("backend %s failed (exit %d): %s", backend, proc.returncode, proc.stderr[-2000:])
+            return proc.returncode or 1
+        results[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
+    chosen = results[args.backend]
+    line = {
+        "benchmark": "model_step",
+        "device": "cpu",
+        "threads": args.threads,
+        "model": "ModelConfig() defaults: M S M S M S P, dim 256, 16 heads",
+        "atoms": chosen["atoms"],
+        "molecules": chosen["molecules"],
+        "max_atoms_per_molecule": chosen["max_atoms_per_molecule"],
+        "backend": args.backend,
+        "atoms_per_s": chosen["atoms_per_s"],
+        "step_s": chosen["step_s"],
+        "peak_rss_mb": chosen["peak_rss_mb"],
+    }
+    if "dense" in results:
+        d = results["dense"]
+        line.update(
+            dense_atoms_per_s=d["atoms_per_s"],
+            dense_step_s=d["step_s"],
+            dense_peak_rss_mb=d["peak_rss_mb"],
+            speedup_vs_dense=round(chosen["atoms_per_s"] / d["atoms_per_s"], 2),
+            rss_before_model_mb=d["rss_before_model_mb"],
+        )
+    print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
