@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from pipeline.remote_stream import wait_for
-from pipeline.storage import ChecksumMismatchError, StorageError, stats
+from pipeline.storage import ChecksumMismatchError, StorageError, redact_url, stats
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class ShardCache:
         """The shard at ``url`` as a local file object, downloading it through ``fetch`` on a miss."""
         sha256 = sha256.lower() if sha256 else None
         path = self.path_for(identity, url)
+        url = redact_url(url)  # only used in messages from here on
         f = self._hit(path, url, sha256)
         if f is not None:
             return f

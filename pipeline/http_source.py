@@ -15,7 +15,7 @@ import threading
 import urllib3
 
 from pipeline.remote_stream import TransientError
-from pipeline.storage import StorageError, StorageNotFoundError, StorageOptions
+from pipeline.storage import StorageError, StorageNotFoundError, StorageOptions, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ def pool(opts: StorageOptions) -> urllib3.PoolManager:
 
 
 class _HttpResponse:
-    def __init__(self, resp: urllib3.BaseHTTPResponse, size: int | None, etag: str | None, skip: int) -> None:
-        self._resp, self.size, self.etag, self._skip = resp, size, etag, skip
+    def __init__(self, source: HttpSource, resp: urllib3.BaseHTTPResponse, size: int | None, etag: str | None,
+                 skip: int) -> None:
+        self._source, self._resp, self.size, self.etag, self._skip = source, resp, size, etag, skip
 
     def read(self, n: int) -> bytes:
         try:
@@ -66,7 +67,7 @@ class _HttpResponse:
                 self._skip -= len(dropped)
             return self._resp.read(n)
         except _RETRYABLE as e:
-            raise TransientError(f"{type(e).__name__}: {e}") from e
+            raise self._source._transient(e) from e
 
     def close(self) -> None:
         self._resp.release_conn()
@@ -91,9 +92,15 @@ def _unwrap(e: BaseException) -> BaseException:
 class HttpSource:
     def __init__(self, url: str, opts: StorageOptions) -> None:
         self.url, self._opts = url, opts
+        self.name = redact_url(url)  # for messages and logs
+        self._query = urllib3.util.parse_url(url).query
 
     def describe(self) -> str:
-        return self.url
+        return self.name
+
+    def _transient(self, e: BaseException) -> TransientError:
+        text = f"{type(e).__name__}: {e}"
+        return TransientError(text.replace(self._query, "<redacted>") if self._query else text)
 
     def _request(self, method: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
         try:
@@ -101,24 +108,24 @@ class HttpSource:
                                             decode_content=False)
         except urllib3.exceptions.MaxRetryError as e:
             if isinstance(e.reason, urllib3.exceptions.ResponseError):  # too many redirects
-                raise StorageError(f"{self.url}: {e.reason}") from None
-            raise TransientError(f"{type(_unwrap(e)).__name__}: {_unwrap(e)}") from e
+                raise StorageError(f"{self.name}: {e.reason}") from None
+            raise self._transient(_unwrap(e)) from e
         except urllib3.exceptions.LocationValueError as e:
-            raise StorageError(f"bad URL {self.url!r}: {e}") from None
+            raise StorageError(f"bad URL {self.name!r}: {e}") from None
         except _RETRYABLE as e:
-            raise TransientError(f"{type(e).__name__}: {e}") from e
+            raise self._transient(e) from e
 
     def _status_error(self, status: int) -> Exception:
         if status in (404, 410):
-            return StorageNotFoundError(f"not found: {self.url} (HTTP {status}); check the URL and the server's root")
+            return StorageNotFoundError(f"not found: {self.name} (HTTP {status}); check the URL and the server's root")
         if status in (401, 403):
             return StorageError(
-                f"access denied to {self.url} (HTTP {status}); http(s) sources take no credentials: "
+                f"access denied to {self.name} (HTTP {status}); http(s) sources take no credentials: "
                 "serve the files publicly or use a presigned URL"
             )
         if status in _TRANSIENT_STATUS or status >= 500:
             return TransientError(f"HTTP {status}")
-        return StorageError(f"unexpected HTTP {status} for {self.url}")
+        return StorageError(f"unexpected HTTP {status} for {self.name}")
 
     def open(self, start: int, etag: str | None):
         headers = {"Accept-Encoding": "identity"}
@@ -136,7 +143,7 @@ class HttpSource:
         validator = r.headers.get("ETag") or r.headers.get("Last-Modified")
         if etag and validator and validator != etag:
             r.release_conn()
-            raise StorageError(f"{self.url} changed while being read (ETag/Last-Modified differs); re-run")
+            raise StorageError(f"{self.name} changed while being read (ETag/Last-Modified differs); re-run")
         length = r.headers.get("Content-Length")
         size = int(length) if length and length.isdigit() else None
         skip = 0
@@ -145,17 +152,17 @@ class HttpSource:
             size = int(total) if total.isdigit() else None
         elif start:
             skip = start  # Range ignored: full body again
-        return _HttpResponse(r, size, validator, skip)
+        return _HttpResponse(self, r, size, validator, skip)
 
     def exists(self) -> bool:
         try:
             r = self._request("HEAD", {"Accept-Encoding": "identity"})
         except TransientError as e:
-            raise StorageError(f"cannot reach {self.url}: {e}; check the URL and the network") from None
+            raise StorageError(f"cannot reach {self.name}: {e}; check the URL and the network") from None
         r.release_conn()
         if r.status == 200:
             return True
         err = self._status_error(r.status)
         if isinstance(err, StorageNotFoundError):
             return False
-        raise err if isinstance(err, StorageError) else StorageError(f"HEAD {self.url} failed: {err}")
+        raise err if isinstance(err, StorageError) else StorageError(f"HEAD {self.name} failed: {err}")

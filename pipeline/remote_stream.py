@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from pipeline.storage import ChecksumMismatchError, StorageError, StorageOptions, StorageStats, stats
+from pipeline.storage import ChecksumMismatchError, StorageError, StorageOptions, StorageStats, redact_url, stats
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class RemoteStream(io.RawIOBase):
 
     def __init__(self, source: Source, opts: StorageOptions, *, sha256: str | None = None, readahead: bool = True):
         super().__init__()
-        self.url = source.url
+        self.url = redact_url(source.url)  # for messages and logs
         self.stats = StorageStats()
         self._source, self._opts = source, opts
         self._expected = sha256.lower() if sha256 else None

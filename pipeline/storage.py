@@ -199,6 +199,12 @@ def _local_path(url: str) -> str:
     return urlparse(url).path if url.startswith("file://") else url
 
 
+def redact_url(url: str) -> str:
+    """The URL for messages and logs: a query string (presigned-URL signatures, tokens) is hidden."""
+    p = urlparse(url)
+    return p._replace(query="<redacted>").geturl() if p.query else url
+
+
 _SUPPORTED = "local paths, file://, http(s):// and s3://bucket/key"
 
 
@@ -208,7 +214,7 @@ def _check_scheme(url: str, *, write: bool = False) -> str:
     if scheme not in allowed:
         what = "writing" if write else "reading"
         have = "local paths, file:// and s3://" if write else _SUPPORTED
-        raise StorageError(f"unsupported URL scheme {scheme!r} in {url!r} for {what}; supported: {have}")
+        raise StorageError(f"unsupported URL scheme {scheme!r} in {redact_url(url)!r} for {what}; supported: {have}")
     return scheme
 
 
@@ -398,6 +404,32 @@ def upload_file(local_path: str, url: str, *, options: StorageOptions | None = N
     from pipeline.s3 import S3Source
 
     S3Source(url, options or _options).upload_file(local_path)
+
+
+def upload_tree(local_dir: str, url: str, *, last: tuple[str, ...] = ("manifest.json",),
+                options: StorageOptions | None = None) -> list[str]:
+    """Upload every file under ``local_dir`` to ``url`` (same relative paths), the ``last`` names last.
+
+    Hidden files and folders (``.work``, temp files) are skipped. Returns the uploaded URLs in order;
+    with the default, ``manifest.json`` is written after every shard and index it names.
+    """
+    if not os.path.isdir(local_dir):
+        raise StorageError(f"cannot upload {local_dir}: not a folder")
+    first, final = [], []
+    for folder, dirs, files in os.walk(local_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            rel = os.path.relpath(os.path.join(folder, name), local_dir)
+            (final if rel in last else first).append(rel)
+    final.sort(key=last.index)
+    done = []
+    for rel in first + final:
+        target = join(url, *rel.split(os.sep))
+        upload_file(os.path.join(local_dir, rel), target, options=options)
+        done.append(target)
+    return done
 
 
 def reset_clients() -> None:

@@ -13,6 +13,8 @@ from pipeline.cache import entry_name
 from pipeline.storage_testing import FaultProxy
 from tests.storage.helpers import BUCKET, fast_options
 
+pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI job
+
 KEY = "data/obj-08.tar"  # 700 001 bytes
 URL = f"s3://{BUCKET}/{KEY}"
 

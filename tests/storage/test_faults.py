@@ -10,6 +10,8 @@ from pipeline import storage
 from pipeline.storage_testing import FAULT_KINDS, FaultProxy, FolderServer
 from tests.storage.helpers import BUCKET, fast_options
 
+pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI job
+
 
 def read_all(objects: dict[str, bytes], opts: storage.StorageOptions, root: str = f"s3://{BUCKET}") -> None:
     for key, data in objects.items():

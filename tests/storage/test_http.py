@@ -12,6 +12,8 @@ from pipeline import storage
 from pipeline.storage_testing import LOOPBACK, FaultProxy, FolderServer, free_port
 from tests.storage.helpers import fast_options
 
+pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI job
+
 
 @pytest.fixture
 def folder(tmp_path):
@@ -57,6 +59,23 @@ def test_http_unreachable_fails_fast(folder):
     with pytest.raises(storage.StorageError, match=rf"reading {u} failed at byte 0 after 3 consecutive"):
         storage.read_bytes(u, options=fast_options(max_attempts=3))
     assert time.monotonic() - t0 < 2
+
+
+def test_query_strings_are_redacted_from_errors_and_logs(folder, caplog):
+    caplog.set_level("DEBUG")
+    secret = "X-Amz-Signature=deadbeefcafe0123"
+    u = f"http://{LOOPBACK}:{free_port()}/shards/s-1.tar?{secret}"
+    with pytest.raises(storage.StorageError, match=r"s-1\.tar\?<redacted>") as e:
+        storage.open_stream(u, options=fast_options(max_attempts=2))
+    root, files = folder
+    with FolderServer(str(root)) as server:
+        assert storage.read_bytes(f"{server.url}/shards/s-2.tar?{secret}") == files["shards/s-2.tar"]
+        with pytest.raises(storage.StorageNotFoundError, match=r"x\.tar\?<redacted>") as e2:
+            storage.read_bytes(f"{server.url}/shards/x.tar?{secret}")
+    ours = "\n".join(r.getMessage() for r in caplog.records  # urllib3's own DEBUG lines show request paths
+                     if r.name.startswith("pipeline.") and r.name != "pipeline.storage_testing")
+    assert "<redacted>" in ours
+    assert secret not in str(e.value) + str(e2.value) + ours
 
 
 def test_http_without_range_support_resumes_by_skipping(folder):

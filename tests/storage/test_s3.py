@@ -16,6 +16,8 @@ from pipeline import s3, storage
 from pipeline.storage_testing import LOOPBACK, free_port
 from tests.storage.helpers import BUCKET, fast_options
 
+pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI job
+
 
 def url(key: str) -> str:
     return f"s3://{BUCKET}/{key}"
@@ -207,3 +209,20 @@ def test_options_validation_and_configure():
         assert storage.get_options().max_attempts == 7
     finally:
         storage.configure(before)
+
+
+def test_upload_tree_writes_manifest_last(s3_env, tmp_path):
+    (tmp_path / "protein").mkdir()
+    (tmp_path / "index").mkdir()
+    (tmp_path / ".work").mkdir()
+    (tmp_path / "protein" / "protein-000000.tar").write_bytes(b"t" * 1000)
+    (tmp_path / "index" / "protein.parquet").write_bytes(b"p")
+    (tmp_path / ".work" / "spool").write_bytes(b"skip me")
+    (tmp_path / "manifest.json").write_bytes(b"{}")
+    (tmp_path / "rejected.jsonl").write_bytes(b"")
+    root = f"s3://{BUCKET}/tree"
+    done = storage.upload_tree(str(tmp_path), root)
+    assert done[-1] == f"{root}/manifest.json" and len(done) == 4
+    assert storage.read_bytes(f"{root}/protein/protein-000000.tar") == b"t" * 1000
+    assert not storage.exists(f"{root}/.work/spool")
+    assert storage.read_bytes(f"{root}/rejected.jsonl") == b""
