@@ -75,8 +75,11 @@ class _HttpResponse:
 
 
 class _Empty:
+    """The answer to a range that starts at or past the end of the object (HTTP 416)."""
+
     size = None
     etag = None
+    past_end = True
 
     def read(self, n: int) -> bytes:
         return b""
@@ -127,13 +130,15 @@ class HttpSource:
             return TransientError(f"HTTP {status}")
         return StorageError(f"unexpected HTTP {status} for {self.name}")
 
-    def open(self, start: int, etag: str | None):
+    def open(self, start: int, etag: str | None, end: int | None = None):
         headers = {"Accept-Encoding": "identity"}
-        if start:
+        if end is not None:
+            headers["Range"] = f"bytes={start}-{end - 1}"
+        elif start:
             headers["Range"] = f"bytes={start}-"
         r = self._request("GET", headers)
         status = r.status
-        if status == 416 and start:
+        if status == 416 and "Range" in headers:
             r.release_conn()
             return _Empty()
         if status not in (200, 206):

@@ -50,8 +50,8 @@ class Source(Protocol):
     def describe(self) -> str:
         """The URL plus where it is fetched from, for error messages."""
 
-    def open(self, start: int, etag: str | None) -> Response:
-        """Request the object from byte ``start``. Raises TransientError or StorageError."""
+    def open(self, start: int, etag: str | None, end: int | None = None) -> Response:
+        """Request bytes ``start`` .. ``end`` (exclusive; None: to the end). Raises TransientError or StorageError."""
 
     def exists(self) -> bool: ...
 
@@ -76,8 +76,10 @@ class RemoteStream(io.RawIOBase):
     verification for the stream (the hash covers one sequential pass only).
     """
 
-    def __init__(self, source: Source, opts: StorageOptions, *, sha256: str | None = None, readahead: bool = True):
+    def __init__(self, source: Source, opts: StorageOptions, *, sha256: str | None = None, readahead: bool = True,
+                 start: int = 0, end: int | None = None):
         super().__init__()
+        self._end = end  # exclusive; None = to the end of the object (read_range sets it)
         self.url = redact_url(source.url)  # for messages and logs
         self.stats = StorageStats()
         self._source, self._opts = source, opts
@@ -96,9 +98,10 @@ class RemoteStream(io.RawIOBase):
         self._gen: Iterator[bytes] | None = None
         self._queue: queue.Queue | None = None
         self._count("streams")
-        first = self._request(0, [0], self._stop)  # fail fast: missing object, credentials
+        first = self._request(start, [0], self._stop)  # fail fast: missing object, credentials
         self.size, self._etag = first.size, first.etag
-        self._start(0, first)
+        self._pos = start
+        self._start(start, first)
 
     # -- fetching (runs in the read-ahead thread when there is one) ---------------------------
 
@@ -138,7 +141,7 @@ class RemoteStream(io.RawIOBase):
                 self._count("requests")
                 if pos:
                     self._count("resumes")
-                return self._source.open(pos, self._etag)
+                return self._source.open(pos, self._etag, self._end)
             except TransientError as e:
                 self._after_failure(e, pos, failures, stop)
             except StorageError:
@@ -168,6 +171,7 @@ class RemoteStream(io.RawIOBase):
     def _chunks(self, pos: int, resp: Response | None, stop: threading.Event) -> Iterator[bytes]:
         failures = [0]  # consecutive failures without progress
         n = self._opts.chunk_bytes
+        limit = self._end if self.size is None else min(self.size, self._end if self._end is not None else self.size)
         try:
             while not stop.is_set():
                 try:
@@ -178,9 +182,12 @@ class RemoteStream(io.RawIOBase):
                                 f"{self._source.describe()} changed size from {self.size} to {resp.size} bytes "
                                 "while being read; re-run once the upload has finished"
                             )
-                    chunk = resp.read(n)
-                    if not chunk and self.size is not None and pos < self.size:
-                        raise TransientError(f"connection closed at byte {pos} of {self.size}")
+                    if getattr(resp, "past_end", False):  # HTTP 416: nothing at or after pos
+                        return
+                    want = n if limit is None else min(n, limit - pos)
+                    chunk = resp.read(want) if want > 0 else b""
+                    if not chunk and limit is not None and pos < limit:
+                        raise TransientError(f"connection closed at byte {pos} of {limit}")
                 except TransientError as e:
                     if resp is not None:
                         resp.close()

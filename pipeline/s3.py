@@ -137,8 +137,11 @@ class _S3Response:
 
 
 class _Empty:
+    """The answer to a range that starts at or past the end of the object (HTTP 416)."""
+
     size = None
     etag = None
+    past_end = True
 
     def read(self, n: int) -> bytes:
         return b""
@@ -179,17 +182,19 @@ class S3Source:
             return TransientError(f"HTTP {status} {code}")
         return StorageError(f"S3 error reading {self.describe()}: HTTP {status} {code}: {msg}")
 
-    def open(self, start: int, etag: str | None):
+    def open(self, start: int, etag: str | None, end: int | None = None):
         kwargs = {"Bucket": self.bucket, "Key": self.key}
-        if start:
+        if end is not None:
+            kwargs["Range"] = f"bytes={start}-{end - 1}"
+        elif start:
             kwargs["Range"] = f"bytes={start}-"
         if etag:
             kwargs["IfMatch"] = etag
         try:
             r = client(self._opts).get_object(**kwargs)
         except bex.ClientError as e:
-            if start and e.response.get("Error", {}).get("Code") == "InvalidRange":
-                return _Empty()  # resumed exactly at the end
+            if "Range" in kwargs and e.response.get("Error", {}).get("Code") == "InvalidRange":
+                return _Empty()  # resumed exactly at the end, or a range past it
             raise self._classify(e, start) from None
         except _RETRYABLE as e:
             raise TransientError(f"{type(e).__name__}: {e}") from e

@@ -92,3 +92,13 @@ def test_http_without_range_support_resumes_by_skipping(folder):
 def test_writes_to_http_are_refused():
     with pytest.raises(storage.StorageError, match="for writing; supported: local paths, file:// and s3://"):
         storage.upload_file(__file__, "https://example.invalid/x")
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_http_read_range(folder, ranges):
+    root, files = folder
+    data = files["shards/s-3.tar"]
+    with FolderServer(str(root), ranges=ranges) as server:
+        u = server.url + "/shards/s-3.tar"
+        for offset, size in [(0, 1), (1000, 250_000), (len(data) - 3, 10), (len(data) + 1, 4)]:
+            assert storage.read_range(u, offset, size, options=fast_options()) == data[offset : offset + size]

@@ -60,3 +60,10 @@ def test_local_writes_are_atomic(tmp_path):
 def test_unsupported_scheme_names_the_url():
     with pytest.raises(storage.StorageError, match=r"unsupported URL scheme 'gs' in 'gs://b/k'.*supported: local"):
         storage.open_stream("gs://b/k")
+
+
+def test_local_read_range(tmp_path):
+    (tmp_path / "s.tar").write_bytes(bytes(range(256)))
+    assert storage.read_range(str(tmp_path / "s.tar"), 250, 10) == bytes(range(250, 256))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        storage.read_range(str(tmp_path / "s.tar"), -1, 10)

@@ -226,3 +226,23 @@ def test_upload_tree_writes_manifest_last(s3_env, tmp_path):
     assert storage.read_bytes(f"{root}/protein/protein-000000.tar") == b"t" * 1000
     assert not storage.exists(f"{root}/.work/spool")
     assert storage.read_bytes(f"{root}/rejected.jsonl") == b""
+
+
+def test_read_range_is_one_bounded_request(s3_env, objects):
+    key, data = "data/obj-08.tar", objects["data/obj-08.tar"]
+    opts = fast_options()
+    for offset, size in [(0, 10), (12345, 100_000), (len(data) - 5, 5), (len(data) - 5, 50), (len(data), 7), (3, 0)]:
+        assert storage.read_range(url(key), offset, size, options=opts) == data[offset : offset + size]
+    assert storage.stats["bytes_fetched"] == 10 + 100_000 + 5 + 5
+    assert storage.read_range(url("data/obj-00.tar"), 0, 10, options=opts) == b""  # empty object
+
+
+def test_read_range_resumes_through_cuts(s3_env, objects):
+    from pipeline.storage_testing import FaultProxy
+
+    key, data = "data/obj-08.tar", objects["data/obj-08.tar"]
+    with FaultProxy(s3_env.endpoint, rate=0.5, seed=1, kinds=("cut", "stall_body")) as proxy:
+        opts = fast_options(endpoint_url=proxy.endpoint)
+        for offset in range(0, len(data), 150_000):
+            assert storage.read_range(url(key), offset, 200_000, options=opts) == data[offset : offset + 200_000]
+        assert storage.stats["retries"] == proxy.counts["faults"] > 0
