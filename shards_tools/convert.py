@@ -8,14 +8,17 @@ under RAW, validates every structure, and writes ``OUT/<domain>/<domain>-000000.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
+import tempfile
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline import storage
 from pipeline.schema import MANIFEST_NAME, SPLITS, shard_name
 from shards_tools import writer
 from shards_tools.readers import domain_from_path, format_of
@@ -46,7 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("raw", type=Path, help="input folder (one sub-folder per domain, or the seed's *_chunk_N layout)")
-    p.add_argument("out", help="output folder for shards, index and manifest")
+    p.add_argument("out", help="output folder for shards, index and manifest, or s3://bucket/prefix")
+    p.add_argument("--staging", type=Path, default=None,
+                   help="local folder where an s3:// output is built before upload (default: a folder under the "
+                        "system temp dir named after the URL; reruns reuse it)")
     p.add_argument("--domain", help="put every input into this domain instead of inferring it")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle within each domain (default 0)")
     p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
@@ -117,7 +123,18 @@ def _write_one(args):
 
 
 def convert(a: argparse.Namespace) -> int:
-    out = Path(a.out)
+    if storage.scheme_of(a.out) != "file":
+        staging = a.staging or Path(tempfile.gettempdir()) / "molstream-convert" / hashlib.sha256(a.out.encode()).hexdigest()[:16]
+        log.info("building %s in %s before upload", storage.redact_url(a.out), staging)
+        code = convert_local(a, staging)
+        if code != EXIT_EMPTY:
+            urls = storage.upload_tree(str(staging), a.out)
+            log.info("uploaded %d files to %s (manifest.json last)", len(urls), storage.redact_url(a.out))
+        return code
+    return convert_local(a, Path(a.out))
+
+
+def convert_local(a: argparse.Namespace, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     workdir = out / ".work"
     workdir.mkdir(exist_ok=True)

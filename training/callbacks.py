@@ -1,0 +1,114 @@
+"""Callbacks of a training run: batch statistics, throughput, and the loss-curve plot."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class BatchStatistics(L.Callback):
+    """Logs what the loader delivered: atoms/s (progress bar), atoms, graphs, fill, domain shares,
+    oversize/bad counts, and the time the step waited for data.
+
+    Per-batch figures come from the batch itself (``ptr``, ``domain``, ``num_graphs``) plus
+    ``batch.stats`` when the loader attaches it; every ``every_n_steps`` steps they are logged.
+    """
+
+    def __init__(self, domains: list[str], max_atoms: int | None, every_n_steps: int = 10) -> None:
+        self.domains = domains
+        self.max_atoms = max_atoms
+        self.every = every_n_steps
+        self._t_end: float | None = None
+        self._t_start = 0.0
+        self._wait = 0.0
+        self._atoms = 0
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._t_end is not None:
+            self._wait += now - self._t_end
+        self._t_start = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._t_end = time.perf_counter()
+        n_atoms = int(batch.ptr[-1]) if hasattr(batch, "ptr") else int(batch.num_nodes)
+        self._atoms += n_atoms
+        step = trainer.global_step
+        if step % self.every != 0:
+            return
+        elapsed = max(self._t_end - self._t0, 1e-9)
+        metrics = {
+            "data/atoms_per_s": self._atoms / elapsed,
+            "data/wait_fraction": self._wait / elapsed,
+            "data/atoms": float(n_atoms),
+            "data/graphs": float(batch.num_graphs),
+        }
+        if self.max_atoms:
+            metrics["data/fill"] = n_atoms / self.max_atoms
+        if batch.num_graphs:
+            per_graph_atoms = (batch.ptr[1:] - batch.ptr[:-1]).float()
+            by_domain = torch.zeros(len(self.domains)).index_add_(0, batch.domain.cpu(), per_graph_atoms.cpu())
+            for i, d in enumerate(self.domains):
+                metrics[f"data/atom_share/{d}"] = float(by_domain[i] / max(n_atoms, 1))
+        stats = getattr(batch, "stats", None)
+        if isinstance(stats, dict):
+            for k, v in stats.items():
+                if isinstance(v, int | float):
+                    metrics[f"data/{k}"] = float(v)
+        pl_module.log("atoms_per_s", metrics.pop("data/atoms_per_s"), prog_bar=True, batch_size=1, rank_zero_only=True)
+        pl_module.log_dict(metrics, batch_size=1, rank_zero_only=True)
+        self._atoms, self._wait, self._t0 = 0, 0.0, self._t_end
+
+
+class LossPlot(L.Callback):
+    """At the end of fit, plot train/val loss from the CSV logger's metrics.csv to ``run_dir/loss.png``."""
+
+    def __init__(self, metrics_csv: Path, out_png: Path) -> None:
+        self.metrics_csv = metrics_csv
+        self.out_png = out_png
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank != 0:
+            return
+        for lg in trainer.loggers:
+            lg.save()
+        if not self.metrics_csv.exists():
+            log.warning("no %s to plot the loss from", self.metrics_csv)
+            return
+        plot_losses(self.metrics_csv, self.out_png)
+
+
+def plot_losses(metrics_csv: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    with open(metrics_csv) as f:
+        for row in csv.DictReader(f):
+            step = row.get("step")
+            for key in ("train/loss", "val/loss"):
+                v = row.get(key)
+                if step and v not in (None, ""):
+                    series.setdefault(key, ([], []))
+                    series[key][0].append(float(step))
+                    series[key][1].append(float(v))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, (x, y) in series.items():
+        ax.plot(x, y, label=key, marker="o" if key.startswith("val") else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("pretraining loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
