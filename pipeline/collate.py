@@ -9,12 +9,13 @@ Fields of the returned batch (``N`` atoms, ``G`` graphs):
 - ``z`` long [N]: true atomic numbers (MLM targets; the model hides masked ones itself).
 - ``pos`` float32 [N, 3], Å.
 - ``batch`` long [N], ``ptr`` long [G+1]: PyG's graph assignment.
-- ``edge_index`` long [2, E]: radius graph inside each molecule, both directions, no self loops,
-  *without* the held-out short-range pairs.
+- ``edge_index`` long [2, E]: radius graph inside each molecule, both directions (all i->j of the
+  kept pairs, then all j->i), no self loops, *without* the held-out short-range pairs.
 - ``edge_is_bond`` bool [E]: the edge is also a covalent bond.
 - ``bond_index`` long [2, NB]: covalent bonds, both directions.
 - ``mlm_mask`` bool [N]: atoms whose element is to be predicted.
-- ``sr_index`` long [2, H]: held-out radius pairs (one direction) whose length is to be classified.
+- ``sr_index`` long [2, H]: held-out radius pairs (one direction, i < j) whose length is to be classified;
+  about ``sr_fraction`` of the pairs (positions drawn with replacement, so slightly fewer).
 - ``lr_index`` long [2, P]: random atom pairs, both atoms in the same molecule, i != j.
 - ``domain`` long [G]: domain id (position in the loader's domain list); ``keys``: list[str] of G.
 """
@@ -46,11 +47,6 @@ class CollateOptions:
     """Random same-molecule pairs per atom for long-range distance prediction."""
 
 
-def _edges_from_samples(samples: list[Sample], offsets: np.ndarray) -> np.ndarray:
-    parts = [s.edges.astype(np.int64, copy=False) + off for s, off in zip(samples, offsets, strict=True)]
-    return np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
-
-
 def _cap_neighbors(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, k: int) -> np.ndarray:
     """Boolean keep-mask: for each source atom keep its ``k`` nearest destinations (ties by order)."""
     order = np.lexsort((dist, src))
@@ -62,22 +58,48 @@ def _cap_neighbors(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, k: int) -
     return keep
 
 
+def _offset_pairs(parts: list[np.ndarray], counts: np.ndarray, offsets: np.ndarray, dtype) -> np.ndarray:
+    """Concatenate per-sample [k, 2] index arrays, shifting each by its sample's first atom."""
+    if not parts:
+        return np.zeros((0, 2), dtype)
+    cat = np.concatenate(parts).astype(dtype, copy=False)  # a new array: samples are never modified
+    cat += np.repeat(offsets.astype(dtype), counts)[:, None]
+    return cat
+
+
+def _check_radius(samples: list[Sample], opt: CollateOptions) -> tuple[bool, bool]:
+    """Refuse options the shards cannot serve; say whether distance / neighbour filtering is needed."""
+    radii = np.fromiter((s.radius_A for s in samples), np.float64, len(samples))
+    caps = np.fromiter((s.max_neighbors for s in samples), np.int64, len(samples))
+    if len(samples) and (opt.radius_A > radii.min() + 1e-6 or opt.max_neighbors > caps.min()):
+        s = samples[int(np.argmin(radii) if opt.radius_A > radii.min() + 1e-6 else np.argmin(caps))]
+        raise ValueError(
+            f"sample {s.key} was converted with radius {s.radius_A} Å / max_neighbors {s.max_neighbors}, "
+            f"but the loader asks for radius {opt.radius_A} Å / max_neighbors {opt.max_neighbors}; "
+            "lower them in the config or re-convert with larger --radius/--max-neighbors"
+        )
+    need_dist = len(samples) > 0 and opt.radius_A < radii.max() - 1e-6
+    need_cap = len(samples) > 0 and opt.max_neighbors < caps.max()
+    return bool(need_dist), bool(need_cap)
+
+
 def radius_pairs(samples: list[Sample], offsets: np.ndarray, pos: np.ndarray, opt: CollateOptions) -> np.ndarray:
-    """Stored radius pairs (i < j) of all samples, filtered to ``opt.radius_A`` and ``opt.max_neighbors``."""
-    for s in samples:
-        if opt.radius_A > s.radius_A + 1e-6 or opt.max_neighbors > s.max_neighbors:
-            raise ValueError(
-                f"sample {s.key} was converted with radius {s.radius_A} Å / max_neighbors {s.max_neighbors}, "
-                f"but the loader asks for radius {opt.radius_A} Å / max_neighbors {opt.max_neighbors}; "
-                "lower them in the config or re-convert with larger --radius/--max-neighbors"
-            )
-    pairs = _edges_from_samples(samples, offsets)
-    if len(pairs) == 0:
+    """Stored radius pairs (i < j) of all samples, filtered to ``opt.radius_A`` and ``opt.max_neighbors``.
+
+    The stored pairs already satisfy the converter's cutoff and cap; filtering (a distance per pair) only
+    runs when the options ask for less. Returned as int32 when the batch has fewer than 2**31 atoms.
+    """
+    need_dist, need_cap = _check_radius(samples, opt)
+    n = int(offsets[-1] + samples[-1].num_atoms) if samples else 0
+    dtype = np.int32 if n < 2**31 - 1 else np.int64
+    counts = np.fromiter((s.edges.shape[0] for s in samples), np.int64, len(samples))
+    pairs = _offset_pairs([s.edges for s in samples], counts, offsets, dtype)
+    if len(pairs) == 0 or not (need_dist or need_cap):
         return pairs
     d = np.linalg.norm(pos[pairs[:, 0]] - pos[pairs[:, 1]], axis=1)
     keep = d <= opt.radius_A
     pairs, d = pairs[keep], d[keep]
-    if any(opt.max_neighbors < s.max_neighbors for s in samples):
+    if need_cap:
         # a pair survives when both directions survive the per-atom cap
         both_src = np.concatenate([pairs[:, 0], pairs[:, 1]])
         both_dst = np.concatenate([pairs[:, 1], pairs[:, 0]])
@@ -88,12 +110,22 @@ def radius_pairs(samples: list[Sample], offsets: np.ndarray, pos: np.ndarray, op
 
 
 def _bond_flags(pairs: np.ndarray, bonds: np.ndarray, n_atoms: int) -> np.ndarray:
+    """Which radius pairs (i < j) are covalent bonds (i < j): a binary search of the few bonds in the pairs."""
+    flags = np.zeros(len(pairs), bool)
     if len(bonds) == 0 or len(pairs) == 0:
-        return np.zeros(len(pairs), bool)
-    code_p = pairs[:, 0] * n_atoms + pairs[:, 1]
-    code_b = np.sort(bonds[:, 0] * n_atoms + bonds[:, 1])
-    idx = np.searchsorted(code_b, code_p).clip(max=len(code_b) - 1)
-    return code_b[idx] == code_p
+        return flags
+    code_p = pairs[:, 0].astype(np.int64) * n_atoms + pairs[:, 1]
+    if len(code_p) > 1 and not (code_p[1:] >= code_p[:-1]).all():  # the converter writes them sorted
+        order = np.argsort(code_p, kind="stable")
+        hit = _bond_flags(pairs[order], bonds, n_atoms)
+        flags[order] = hit
+        return flags
+    code_b = bonds[:, 0].astype(np.int64) * n_atoms + bonds[:, 1]
+    idx = np.searchsorted(code_p, code_b)
+    ok = idx < len(code_p)
+    idx, code_b = idx[ok], code_b[ok]
+    flags[idx[code_p[idx] == code_b]] = True
+    return flags
 
 
 def _long_range_pairs(counts: np.ndarray, offsets: np.ndarray, opt: CollateOptions, rng: np.random.Generator):
@@ -110,47 +142,69 @@ def _long_range_pairs(counts: np.ndarray, offsets: np.ndarray, opt: CollateOptio
     return np.stack([i + offsets[mol], j + offsets[mol]])
 
 
+def _both_directions(pairs: np.ndarray) -> np.ndarray:
+    """[k, 2] pairs (i, j) to a long [2, 2k] index: all (i, j) then all (j, i)."""
+    k = len(pairs)
+    out = np.empty((2, 2 * k), np.int64)
+    out[0, :k] = pairs[:, 0]
+    out[0, k:] = pairs[:, 1]
+    out[1, :k] = pairs[:, 1]
+    out[1, k:] = pairs[:, 0]
+    return out
+
+
 def collate(
     samples: list[Sample], domain_ids: list[int], opt: CollateOptions, rng: np.random.Generator
 ) -> Batch:
-    """Build the PyG batch of ``samples`` (see the module docstring for its fields)."""
-    counts = np.array([s.num_atoms for s in samples], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, np.int64)
-    n = int(counts.sum())
-    z = np.concatenate([s.z for s in samples]).astype(np.int64)
-    pos = np.concatenate([s.pos for s in samples]).astype(np.float32, copy=False)
-    bonds = np.concatenate(
-        [s.bonds.astype(np.int64, copy=False) + off for s, off in zip(samples, offsets, strict=True)]
-    ) if samples else np.zeros((0, 2), np.int64)
+    """Build the PyG batch of ``samples`` (see the module docstring for its fields).
 
-    pairs = radius_pairs(samples, offsets, pos, opt)
-    is_bond = _bond_flags(pairs, np.sort(bonds, axis=1), n)
-    held = rng.random(len(pairs)) < opt.sr_fraction
-    sr = pairs[held].T
-    kept, kept_bond = pairs[~held], is_bond[~held]
-    edge_index = np.concatenate([kept.T, kept[:, ::-1].T], axis=1)
+    An empty ``samples`` list gives a valid batch with zero graphs (used to pad evaluation ranks).
+    """
+    g = len(samples)
+    counts = np.fromiter((s.z.shape[0] for s in samples), np.int64, g)
+    ptr = np.zeros(g + 1, np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    offsets = ptr[:-1]
+    n = int(ptr[-1])
+    z = np.concatenate([s.z for s in samples]).astype(np.int64) if g else np.zeros(0, np.int64)
+    pos = np.concatenate([s.pos for s in samples]).astype(np.float32, copy=False) if g else np.zeros((0, 3), np.float32)
+    b_counts = np.fromiter((s.bonds.shape[0] for s in samples), np.int64, g)
+    bonds = _offset_pairs([s.bonds for s in samples], b_counts, offsets, np.int64)
+    bonds = np.sort(bonds, axis=1)
+
+    pairs = radius_pairs(samples, offsets, pos, opt) if g else np.zeros((0, 2), np.int32)
+    # held-out short-range pairs: about sr_fraction of the pairs, positions drawn with replacement
+    n_pairs = len(pairs)
+    held = np.zeros(n_pairs, bool)
+    if n_pairs and opt.sr_fraction > 0:
+        held[rng.integers(0, n_pairs, int(rng.binomial(n_pairs, opt.sr_fraction)))] = True
+    sr = pairs[held].T.astype(np.int64)
+    kept = pairs[~held]
+    kept_bond = _bond_flags(kept, bonds, n)
+    edge_index = _both_directions(kept)
     edge_is_bond = np.concatenate([kept_bond, kept_bond])
 
     n_mask = max(1, int(round(opt.mask_fraction * n))) if n else 0
     mlm_mask = np.zeros(n, bool)
-    mlm_mask[rng.choice(n, size=n_mask, replace=False)] = True
+    if n_mask:
+        mlm_mask[rng.choice(n, size=n_mask, replace=False)] = True
 
     lr = _long_range_pairs(counts, offsets, opt, rng)
-    batch_vec = np.repeat(np.arange(len(samples)), counts)
+    batch_vec = np.repeat(np.arange(g), counts)
 
     out = Batch(
         z=torch.from_numpy(z),
         pos=torch.from_numpy(np.ascontiguousarray(pos)),
         batch=torch.from_numpy(batch_vec),
-        ptr=torch.from_numpy(np.concatenate([[0], np.cumsum(counts)])),
-        edge_index=torch.from_numpy(np.ascontiguousarray(edge_index)),
+        ptr=torch.from_numpy(ptr),
+        edge_index=torch.from_numpy(edge_index),
         edge_is_bond=torch.from_numpy(edge_is_bond),
-        bond_index=torch.from_numpy(np.ascontiguousarray(np.concatenate([bonds.T, bonds[:, ::-1].T], axis=1))),
+        bond_index=torch.from_numpy(_both_directions(bonds)),
         mlm_mask=torch.from_numpy(mlm_mask),
         sr_index=torch.from_numpy(np.ascontiguousarray(sr)),
         lr_index=torch.from_numpy(lr),
         domain=torch.tensor(domain_ids, dtype=torch.long),
         keys=[s.key for s in samples],
     )
-    out._num_graphs = len(samples)
+    out._num_graphs = g
     return out

@@ -1,0 +1,163 @@
+"""Options of the streaming loader: one frozen dataclass, nested by the training config tree.
+
+Every field has a one-line docstring with its unit. :meth:`DataConfig.from_dict` is a small strict
+loader (unknown keys fail with a did-you-mean) used by the dry-run CLI; the training config loader may
+build the same dataclasses its own way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+MIX_MODES = ("samples", "atoms", "temperature")
+OVERSIZE_POLICIES = ("raise", "skip", "crop")
+BAD_SAMPLE_POLICIES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """One domain of the mix."""
+
+    name: str
+    """Domain name as written by the converter (protein, small_molecule, metabolite, rna, or your own)."""
+    weight: float = 1.0
+    """Relative mixing weight (normalised over domains); meaning set by ``DataConfig.mix_by``."""
+    root: str | None = None
+    """Shards root (folder, file://, http(s)://, s3://) holding this domain; None uses ``DataConfig.root``."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Streaming loader options (train / val / test)."""
+
+    root: str = "data/demo/shards"
+    """Shards root written by ``python -m shards_tools.convert`` (folder or URL) with manifest.json."""
+    domains: tuple[DomainConfig, ...] = ()
+    """Domains to mix with their weights; empty = every domain of the manifest, weight 1 each."""
+    mix_by: str = "samples"
+    """How weights are read: 'samples' (share of samples), 'atoms' (share of atoms) or 'temperature'."""
+    temperature: float = 1.0
+    """mix_by='temperature': sample share of domain d is proportional to weight_d * samples_d ** (1 / temperature)."""
+    seed: int = 0
+    """Base seed; every random stream derives from (seed, domain, pass, rank, worker) integers."""
+    max_atoms: int | None = 25_000
+    """Atom budget per batch, atoms; None only together with batch_size (fixed-size batches)."""
+    max_graphs: int | None = None
+    """Optional cap on molecules per batch, graphs."""
+    max_edges: int | None = None
+    """Optional cap on directed radius edges per batch, edges (uses the stored pair counts, an upper bound)."""
+    batch_size: int | None = None
+    """Fixed-size mode: exactly this many molecules per batch, ignoring max_atoms (the seed's batch_size=32)."""
+    cross_domain_batches: bool = True
+    """False: every batch holds one domain only (the seed's enable_cross_modal_batches=False)."""
+    oversize_policy: str = "raise"
+    """A sample larger than the budget: 'raise', 'skip' or 'crop' (spatial ball around a random atom); counted."""
+    bad_sample_policy: str = "raise"
+    """A member that fails to decode: 'raise' or 'skip' (counted per domain as 'bad')."""
+    pool_budget_multiple: float = 3.0
+    """Packing pool holds at least this many batch budgets of atoms before a batch is chosen, budgets."""
+    fifo_fraction: float = 0.5
+    """Share of each budget filled first with the oldest pooled samples in arrival order (bounds waiting); rest best fit."""
+    pool_max_samples: int = 8192
+    """Upper bound on samples held in the packing pool, samples."""
+    shuffle_buffer_bytes: int = 16 * 2**20
+    """Per-domain, per-worker shuffle buffer bound, bytes of stored samples."""
+    read_block_bytes: int = 4 * 2**20
+    """Shards are split into blocks of about this size for planning and reading, bytes."""
+    train_batches_per_epoch: int | None = None
+    """Training batches per epoch on every rank; None = one pass of all training atoms over the world's budget."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank; 0 streams in the main process."""
+    prefetch_factor: int = 4
+    """Batches prefetched per worker, batches."""
+    radius_A: float = 5.0
+    """Radius-graph cutoff, Å; must not exceed the converter's --radius."""
+    max_neighbors: int = 64
+    """Radius neighbours kept per atom, neighbours; must not exceed the converter's --max-neighbors."""
+    mask_fraction: float = 0.15
+    """Fraction of atoms selected for masked-atom prediction per batch."""
+    sr_fraction: float = 0.1
+    """Fraction of radius pairs held out for short-range distance prediction."""
+    lr_pairs_per_atom: float = 0.5
+    """Random same-molecule pairs per atom for long-range distance prediction, pairs/atom."""
+    pad_eval_batches: bool = True
+    """Val/test: pad ranks that have fewer planned batches with empty batches (num_graphs == 0) so all ranks step equally."""
+
+    def __post_init__(self) -> None:
+        doms = tuple(d if isinstance(d, DomainConfig) else DomainConfig(**d) for d in self.domains)
+        object.__setattr__(self, "domains", doms)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and the fix."""
+        if self.mix_by not in MIX_MODES:
+            raise ValueError(f"data.mix_by={self.mix_by!r}: use one of {MIX_MODES}")
+        if self.oversize_policy not in OVERSIZE_POLICIES:
+            raise ValueError(f"data.oversize_policy={self.oversize_policy!r}: use one of {OVERSIZE_POLICIES}")
+        if self.bad_sample_policy not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"data.bad_sample_policy={self.bad_sample_policy!r}: use one of {BAD_SAMPLE_POLICIES}")
+        if self.batch_size is None and (self.max_atoms is None or self.max_atoms < 1):
+            raise ValueError(f"data.max_atoms={self.max_atoms!r}: set a positive atom budget, or set data.batch_size")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"data.batch_size={self.batch_size!r}: must be >= 1 (or null for atom-budget batches)")
+        for name in ("max_graphs", "max_edges", "train_batches_per_epoch"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"data.{name}={v!r}: must be >= 1 or null")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"data.temperature={self.temperature!r}: must be a positive number")
+        if self.pool_budget_multiple < 1:
+            raise ValueError(f"data.pool_budget_multiple={self.pool_budget_multiple!r}: must be >= 1")
+        if not 0 <= self.fifo_fraction <= 1:
+            raise ValueError(f"data.fifo_fraction={self.fifo_fraction!r}: must be in [0, 1]")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers!r}: must be >= 0")
+        for f_ in ("mask_fraction", "sr_fraction"):
+            v = getattr(self, f_)
+            if not 0 <= v < 1:
+                raise ValueError(f"data.{f_}={v!r}: must be in [0, 1)")
+        seen = set()
+        for d in self.domains:
+            if d.name in seen:
+                raise ValueError(f"data.domains lists {d.name!r} twice; list each domain once")
+            seen.add(d.name)
+            if not (d.weight >= 0 and math.isfinite(d.weight)):
+                raise ValueError(f"data.domains[{d.name}].weight={d.weight!r}: must be a finite number >= 0")
+        if self.domains and not any(d.weight > 0 for d in self.domains):
+            raise ValueError("data.domains: every weight is 0; give at least one domain a positive weight")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "data") -> DataConfig:
+        """Strict construction from a plain mapping (YAML): unknown keys fail with a did-you-mean."""
+        _check_keys(cls, d, where)
+        kw = dict(d)
+        if "domains" in kw:
+            doms = kw["domains"]
+            if isinstance(doms, dict):  # {name: weight} or {name: {weight:, root:}}
+                doms = [
+                    {"name": k, **(v if isinstance(v, dict) else {"weight": v})} for k, v in doms.items()
+                ]
+            out = []
+            for i, item in enumerate(doms or []):
+                if not isinstance(item, dict):
+                    raise ValueError(f"{where}.domains[{i}] must be a mapping with name/weight/root, got {item!r}")
+                _check_keys(DomainConfig, item, f"{where}.domains[{i}]")
+                out.append(DomainConfig(**item))
+            kw["domains"] = tuple(out)
+        return cls(**kw)
+
+
+def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:
+    names = [f.name for f in fields(cls)]
+    for k in d:
+        if k not in names:
+            hint = difflib.get_close_matches(k, names, n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(names)}"
+            raise ValueError(f"unknown key {where}.{k}{extra}")
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in d]
+    if missing:
+        raise ValueError(f"{where}: missing required key(s) {missing}")
+

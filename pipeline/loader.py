@@ -1,0 +1,407 @@
+"""Torch-facing loaders: the resolved data plan, the stateful training loader, the exact evaluation loader.
+
+- :func:`resolve` reads manifests and indexes once and fixes every number the loaders need
+  (per-domain probabilities, batches per epoch); the result is small and picklable.
+- :class:`TrainLoader` yields exactly ``len(loader)`` batches per epoch on every rank (infinite
+  per-slot streams cut into equal epochs), and records after every batch the state of the DataLoader
+  worker that produced it, so :meth:`TrainLoader.state_dict` resumes exactly after the last consumed batch.
+- :class:`EvalDataset` plans val/test batches from the index (atom counts only), deals them to ranks
+  round-robin and pads short ranks with empty batches: every sample exactly once per evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.collate import collate
+from pipeline.config import DataConfig
+from pipeline.index import DomainIndex, load_domain_index, read_manifest
+from pipeline.packing import crop_sample, plan_batches
+from pipeline.plan import domain_key, rng_for, sample_probabilities
+from pipeline.stream import (
+    COUNTERS,
+    DomainSource,
+    OversizeError,
+    budget_of,
+    collate_options,
+    stats_of,
+    train_stream,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class Resolved:
+    """Everything the loaders need, computed once from the config and the indexes."""
+
+    cfg: DataConfig
+    names: list[str]
+    train: list[DomainIndex]
+    val: list[DomainIndex]
+    test: list[DomainIndex]
+    sample_probs: np.ndarray
+    batch_probs: np.ndarray
+    effective_mean_atoms: np.ndarray
+
+    def split(self, split: str) -> list[DomainIndex]:
+        return {"train": self.train, "val": self.val, "test": self.test}[split]
+
+
+def _effective_atoms(ix: DomainIndex, cfg: DataConfig) -> np.ndarray:
+    """Atoms each sample will have in a batch under the oversize policy (0: skipped)."""
+    a = ix.num_atoms
+    if cfg.batch_size is not None or cfg.max_atoms is None:
+        return a
+    if cfg.oversize_policy == "crop":
+        return np.minimum(a, cfg.max_atoms)
+    if cfg.oversize_policy == "skip":
+        return np.where(a > cfg.max_atoms, 0, a)
+    return a
+
+
+def _check_oversize(ixs: list[DomainIndex], cfg: DataConfig) -> None:
+    if cfg.batch_size is not None or cfg.oversize_policy != "raise":
+        return
+    bad = []
+    for ix in ixs:
+        over = np.flatnonzero(ix.num_atoms > cfg.max_atoms)
+        if cfg.max_edges is not None:
+            over = np.union1d(over, np.flatnonzero(2 * ix.num_edges > cfg.max_edges))
+        bad += [f"{ix.name}/{ix.split}:{ix.keys[i]} ({ix.num_atoms[i]} atoms)" for i in over[:5]]
+    if bad:
+        raise OversizeError(
+            f"samples larger than max_atoms={cfg.max_atoms}/max_edges={cfg.max_edges}: {', '.join(bad)}; "
+            "set data.oversize_policy to 'crop' or 'skip', or raise the budget"
+        )
+
+
+def resolve(cfg: DataConfig) -> Resolved:
+    """Read manifests and indexes (train, val, test) of the configured domains; fix the mixing probabilities."""
+    manifests: dict[str, dict] = {}
+
+    def manifest(root: str) -> dict:
+        if root not in manifests:
+            manifests[root] = read_manifest(root)
+        return manifests[root]
+
+    if cfg.domains:
+        specs = [(d.name, d.weight, d.root or cfg.root) for d in cfg.domains]
+        natural = False
+    else:
+        specs = [(name, 1.0, cfg.root) for name in sorted(manifest(cfg.root).get("index", {}))]
+        natural = True
+        if not specs:
+            raise ValueError(f"the manifest under {cfg.root!r} lists no domains; re-run the converter")
+    names = [n for n, _, _ in specs]
+    splits = {
+        s: [load_domain_index(root, n, s, manifest(root)) for n, _, root in specs] for s in ("train", "val", "test")
+    }
+    for ix in splits["train"] + splits["val"] + splits["test"]:
+        if len(ix) and (cfg.radius_A > ix.radius_A + 1e-6 or cfg.max_neighbors > ix.max_neighbors):
+            raise ValueError(
+                f"data.radius_A={cfg.radius_A} / data.max_neighbors={cfg.max_neighbors} exceed what {ix.root!r} "
+                f"stores ({ix.radius_A} Å / {ix.max_neighbors}); lower them or re-convert with --radius/--max-neighbors"
+            )
+    _check_oversize(splits["train"] + splits["val"] + splits["test"], cfg)
+    train = splits["train"]
+    eff = [_effective_atoms(ix, cfg) for ix in train]
+    sizes = np.array([int((e > 0).sum()) for e in eff], np.float64)
+    mean = np.array([e[e > 0].mean() if (e > 0).any() else 0.0 for e in eff])
+    if natural:  # every domain in its natural proportion, whatever the unit
+        weights = sizes.copy() if cfg.mix_by == "samples" else (sizes * mean if cfg.mix_by == "atoms" else np.ones(len(sizes)))
+    else:
+        weights = np.array([w for _, w, _ in specs], np.float64)
+    for name, w, n in zip(names, weights, sizes, strict=True):
+        if w > 0 and n == 0:
+            raise ValueError(f"domain {name!r} has weight {w} but no training samples; set its weight to 0 or drop it")
+    probs = sample_probabilities(weights, mean, sizes, cfg.mix_by, cfg.temperature)
+    per_batch = (
+        np.full(len(names), float(cfg.batch_size))
+        if cfg.batch_size is not None
+        else cfg.max_atoms / np.maximum(mean, 1.0)
+    )
+    bp = probs / per_batch  # a batch of domain d holds about per_batch[d] samples
+    batch_probs = bp / bp.sum()
+    log.info("domains %s: sample probabilities %s", names, np.round(probs, 4).tolist())
+    return Resolved(cfg, names, train, splits["val"], splits["test"], probs, batch_probs, mean)
+
+
+def train_batches_per_epoch(res: Resolved, world_size: int) -> int:
+    """Configured, or one pass of all training atoms (samples in fixed-size mode) over the world's budget."""
+    cfg = res.cfg
+    if cfg.train_batches_per_epoch is not None:
+        return cfg.train_batches_per_epoch
+    if cfg.batch_size is not None:
+        total = sum(len(ix) for ix, p in zip(res.train, res.sample_probs, strict=True) if p > 0)
+        return max(1, math.ceil(total / (cfg.batch_size * world_size)))
+    total = sum(int(_effective_atoms(ix, cfg).sum()) for ix, p in zip(res.train, res.sample_probs, strict=True) if p > 0)
+    return max(1, math.ceil(total / (cfg.max_atoms * world_size)))
+
+
+def _identity(x):
+    return x
+
+
+def _plain(x):
+    """State to plain Python (lists, ints) so checkpoints load with ``torch.load(weights_only=True)``."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    return x
+
+
+class _TrainWorkerDataset(IterableDataset):
+    """What each DataLoader worker runs: its logical slot's stream for the rest of the epoch."""
+
+    def __init__(self, res: Resolved, rank: int, world: int, n_logical: int, states: list, done: int, total: int):
+        self.res, self.rank, self.world, self.n_logical = res, rank, world, n_logical
+        self.states, self.done, self.total = states, done, total
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = 0 if info is None else info.id
+        w = (physical + self.done) % self.n_logical  # rotate so the interleaving continues where it stopped
+        first = self.done + ((w - self.done) % self.n_logical)
+        count = len(range(first, self.total, self.n_logical))
+        if count == 0:
+            return
+        stream = train_stream(
+            self.res.cfg, self.res.train, self.res.sample_probs, self.res.batch_probs,
+            self.rank * self.n_logical + w, self.world * self.n_logical,
+        )
+        try:
+            if self.states[w] is not None:
+                stream.load_state_dict(self.states[w])
+            for _ in range(count):
+                batch = next(stream)
+                yield batch, w, stream.state_dict()
+        finally:
+            stream.close()
+
+
+class TrainLoader:
+    """Exactly ``len(self)`` training batches per epoch on every rank; exact, resumable position.
+
+    Iterating it starts DataLoader workers (fresh each epoch) that continue the per-slot streams where
+    the last consumed batch left them. ``state_dict(seq)`` gives the state right after the batch whose
+    ``batch.loader_seq`` is ``seq`` (default: the last batch yielded).
+    """
+
+    def __init__(self, res: Resolved, rank: int = 0, world_size: int = 1, num_workers: int | None = None):
+        cfg = res.cfg
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.res, self.rank, self.world = res, rank, world_size
+        self.num_workers = cfg.num_workers if num_workers is None else num_workers
+        self.n_logical = max(1, self.num_workers)
+        self.batches_per_epoch = train_batches_per_epoch(res, world_size)
+        self.epoch, self.done = 0, 0
+        self.states: list = [None] * self.n_logical
+        self.seq = 0
+        self._history: deque = deque(maxlen=64)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _loader(self):
+        ds = _TrainWorkerDataset(
+            self.res, self.rank, self.world, self.n_logical, list(self.states), self.done, self.batches_per_epoch
+        )
+        if self.num_workers == 0:
+            return iter(ds)
+        return iter(
+            DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=_identity,
+                prefetch_factor=self.res.cfg.prefetch_factor,
+                persistent_workers=False,
+            )
+        )
+
+    def __iter__(self):
+        if self.done >= self.batches_per_epoch:
+            self.epoch, self.done = self.epoch + 1, 0
+        for batch, w, state in self._loader():
+            self.states[w] = state
+            self.done += 1
+            self.seq += 1
+            self._history.append((self.seq, self.epoch, self.done, list(self.states)))
+            batch.loader_seq = self.seq
+            yield batch
+        if self.done >= self.batches_per_epoch:
+            self.epoch, self.done = self.epoch + 1, 0
+
+    def state_dict(self, seq: int | None = None) -> dict:
+        """The position after batch ``seq`` (default: the last yielded); plain Python types only."""
+        snap = (self.seq, self.epoch, self.done, self.states)
+        if seq is not None and seq != self.seq:
+            found = [h for h in self._history if h[0] == seq]
+            if not found:
+                raise ValueError(f"loader position of batch {seq} is no longer kept (last {self.seq})")
+            snap = found[0]
+        s, epoch, done, states = snap
+        if done >= self.batches_per_epoch:
+            epoch, done = epoch + 1, 0
+        return _plain({
+            "version": STATE_VERSION,
+            "seq": s,
+            "epoch": epoch,
+            "done": done,
+            "rank": self.rank,
+            "world_size": self.world,
+            "num_workers": self.n_logical,
+            "domains": self.res.names,
+            "batches_per_epoch": self.batches_per_epoch,
+            "workers": states,
+        })
+
+    def load_state_dict(self, st: dict) -> None:
+        expect = {"world_size": self.world, "num_workers": self.n_logical, "domains": self.res.names}
+        for k, v in expect.items():
+            if st.get(k) != v:
+                raise ValueError(
+                    f"loader state was saved with {k}={st.get(k)!r}, this run has {v!r}; resume with the same "
+                    "data.num_workers, world size and data.domains (the per-worker streams depend on them)"
+                )
+        if st.get("batches_per_epoch") != self.batches_per_epoch:
+            log.warning("batches per epoch changed from %s to %s", st.get("batches_per_epoch"), self.batches_per_epoch)
+        self.seq, self.epoch, self.done = int(st["seq"]), int(st["epoch"]), int(st["done"])
+        self.states = list(st["workers"])
+        self._history.clear()
+
+    def stats(self) -> dict:
+        """Cumulative per-domain counters of this rank (see :data:`pipeline.stream.COUNTERS`) and passes."""
+        total = np.zeros((len(self.res.names), len(COUNTERS)), np.int64)
+        passes: list[list[int]] = [[] for _ in self.res.names]
+        for st in self.states:
+            if st is None:
+                continue
+            total += np.asarray(st["counters"], np.int64)
+            live = [d for d, p in enumerate(self.res.sample_probs) if p > 0]
+            for d, src in zip(live, st["sources"], strict=True):
+                passes[d].append(int(src["pass"]))
+        out = {}
+        for d, name in enumerate(self.res.names):
+            out[name] = {c: int(total[d, i]) for i, c in enumerate(COUNTERS)}
+            out[name]["pass"] = min(passes[d]) if passes[d] else 0
+        return out
+
+
+class EvalDataset(IterableDataset):
+    """Val/test batches planned from the index; this rank's share, dealt to workers round-robin."""
+
+    def __init__(self, res: Resolved, split: str, rank: int = 0, world_size: int = 1):
+        self.res, self.split, self.rank, self.world = res, split, rank, world_size
+        cfg = res.cfg
+        budget = budget_of(cfg)
+        ixs = res.split(split)
+        self.skipped = [0] * len(ixs)
+        groups = []  # (domain, ids) in planning order
+        for d, ix in enumerate(ixs):
+            if len(ix) == 0:
+                continue
+            eff = _effective_atoms(ix, cfg)
+            keep = np.flatnonzero(eff > 0)
+            self.skipped[d] = int(len(ix) - len(keep))
+            groups.append((d, keep, eff[keep], 2 * ix.num_edges[keep]))
+        if cfg.cross_domain_batches and groups:
+            groups = [(
+                np.concatenate([np.full(len(g[1]), g[0]) for g in groups]),
+                np.concatenate([g[1] for g in groups]),
+                np.concatenate([g[2] for g in groups]),
+                np.concatenate([g[3] for g in groups]),
+            )]
+        else:
+            groups = [(np.full(len(g[1]), g[0]), g[1], g[2], g[3]) for g in groups]
+        batches = []
+        for dom, ids, atoms, edges in groups:
+            for b in plan_batches(atoms, budget.max_atoms, edges if cfg.max_edges else None, cfg.max_edges,
+                                  cfg.max_graphs, budget.pool_atoms or None, cfg.pool_max_samples, cfg.batch_size,
+                                  cfg.fifo_fraction):
+                batches.append((dom[b], ids[b]))
+        self.n_total = len(batches)
+        if any(self.skipped):
+            log.warning("%s: skipping oversize samples per domain %s", split, dict(zip(res.names, self.skipped, strict=True)))
+        mine = batches[rank::world_size]
+        per_rank = math.ceil(len(batches) / world_size) if cfg.pad_eval_batches else len(mine)
+        self.batches = [(i * world_size + rank, b) for i, b in enumerate(mine)]
+        self.batches += [(-1, None)] * (per_rank - len(mine))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        cfg, ixs = self.res.cfg, self.res.split(self.split)
+        opt = collate_options(cfg)
+        sources: dict[int, DomainSource] = {}
+        try:
+            for number, b in self.batches[wid::nw]:
+                if b is None:
+                    yield _empty_batch(opt, len(ixs))
+                    continue
+                doms, ids = b
+                samples, dlist = [], []
+                for d in np.unique(doms).tolist():
+                    if d not in sources:
+                        sources[d] = _eval_source(ixs[d], d, cfg)
+                    sel = ids[doms == d]
+                    for it in sources[d].fetch([(0, int(i)) for i in sel]):
+                        if it is None:
+                            continue
+                        s = it.sample
+                        if cfg.batch_size is None and s.num_atoms > cfg.max_atoms:
+                            s = crop_sample(s, cfg.max_atoms, rng_for(cfg.seed, 0xC209, domain_key(ixs[d].name), -1, it.idx))
+                        samples.append(s)
+                        dlist.append(d)
+                rng = rng_for(cfg.seed, 0xE7A1, domain_key(self.split), number)
+                batch = collate(samples, dlist, opt, rng)
+                batch.stats = stats_of(
+                    np.asarray(dlist, np.int64), np.array([s.num_atoms for s in samples], np.int64), len(ixs),
+                    None if cfg.batch_size is not None else cfg.max_atoms, int(batch.edge_index.shape[1]),
+                )
+                yield batch
+        finally:
+            for s in sources.values():
+                s.fetcher.close()
+
+
+def _eval_source(ix: DomainIndex, d: int, cfg: DataConfig) -> DomainSource:
+    counters = np.zeros((d + 1, len(COUNTERS)), np.int64)
+    return DomainSource(ix, d, 0, 1, cfg, counters)
+
+
+def _empty_batch(opt, n_domains: int):
+    batch = collate([], [], opt, np.random.default_rng(0))
+    batch.stats = {"atoms": 0, "graphs": 0, "edges": 0, "fill": 0.0, "domain_atoms": [0] * n_domains,
+                   "domain_graphs": [0] * n_domains}
+    return batch
+
+
+def eval_loader(res: Resolved, split: str, rank: int = 0, world_size: int = 1, num_workers: int | None = None):
+    """A DataLoader over the exact, finite val/test batches of this rank."""
+    ds = EvalDataset(res, split, rank, world_size)
+    nw = res.cfg.num_workers if num_workers is None else num_workers
+    nw = min(nw, max(1, len(ds))) if nw else 0
+    return DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity,
+                      prefetch_factor=res.cfg.prefetch_factor if nw else None)
+

@@ -1,0 +1,207 @@
+"""The streaming loader on the real demo shards: determinism, passes, mixing, budgets, policies, eval."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline.config import DataConfig
+from pipeline.index import load_domain_index
+from pipeline.loader import TrainLoader, eval_loader, resolve
+from pipeline.schema import SchemaError
+from pipeline.stream import OversizeError, train_stream
+from tests.pipeline.helpers import config
+
+
+def keys_of(batches):
+    return [tuple(b["keys"]) for b in batches]
+
+
+def take(loader, n):
+    out = []
+    for b in loader:
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_same_seed_same_batches_other_seed_other_batches(small_shards):
+    cfg = config(small_shards, train_batches_per_epoch=6, max_atoms=10_000)
+    a = keys_of(TrainLoader(resolve(cfg)))
+    b = keys_of(TrainLoader(resolve(cfg)))
+    c = keys_of(TrainLoader(resolve(config(small_shards, train_batches_per_epoch=6, max_atoms=10_000, seed=1))))
+    assert a == b and len(a) == 6
+    assert a != c
+
+
+def test_batches_are_identical_tensors_across_runs(small_shards):
+    cfg = config(small_shards, train_batches_per_epoch=2, max_atoms=10_000)
+    x, y = list(TrainLoader(resolve(cfg))), list(TrainLoader(resolve(cfg)))
+    for bx, by in zip(x, y, strict=True):
+        for name in ("z", "pos", "edge_index", "edge_is_bond", "mlm_mask", "sr_index", "lr_index", "domain"):
+            assert np.array_equal(bx[name].numpy(), by[name].numpy()), name
+
+
+def test_each_pass_visits_every_sample_once_across_slots(small_shards):
+    """Four slots (2 ranks x 2 workers) of one domain, streams built directly: pass 0 and 1 are exact."""
+    cfg = config(small_shards, weights={"protein": 1.0}, max_atoms=25_000)
+    res = resolve(cfg)
+    ix = res.train[0]
+    seen = {}
+    for slot in range(4):
+        st = train_stream(cfg, res.train, res.sample_probs, res.batch_probs, slot, 4)
+        while min(p for p in st.passes() if p is not None) < 20:
+            for it in st.next_items():
+                seen.setdefault((it.pass_, it.idx), []).append(slot)
+    for p in (0, 1):
+        got = sorted(i for (q, i) in seen if q == p)
+        assert got == list(range(len(ix))), f"pass {p} incomplete or duplicated"
+    assert all(len(v) == 1 for v in seen.values())  # no sample twice within a pass
+
+
+def realised_shares(cfg, n_batches):
+    res = resolve(cfg)
+    st = train_stream(cfg, res.train, res.sample_probs, res.batch_probs, 0, 1)
+    atoms = np.zeros(len(res.names))
+    graphs = np.zeros(len(res.names))
+    fills = []
+    for _ in range(n_batches):
+        items = st.next_items()
+        total = 0
+        for it in items:
+            atoms[it.d] += it.atoms
+            graphs[it.d] += 1
+            total += it.atoms
+        fills.append(total / cfg.max_atoms)
+        assert total <= cfg.max_atoms
+    return res.names, atoms / atoms.sum(), graphs / graphs.sum(), np.array(fills)
+
+
+TARGET = {"protein": 0.4, "rna": 0.1, "small_molecule": 0.25, "metabolite": 0.25}
+
+
+def test_atom_shares_within_two_percent_over_1000_batches(demo_shards):
+    cfg = config(demo_shards, weights=TARGET, mix_by="atoms", oversize_policy="crop")
+    names, by_atoms, _, fills = realised_shares(cfg, 1000)
+    for name, share in zip(names, by_atoms, strict=True):
+        assert abs(share - TARGET[name]) <= 0.02, (name, share)
+    assert fills.mean() >= 0.97
+
+
+def test_sample_shares_within_two_percent_over_1000_batches(demo_shards):
+    cfg = config(demo_shards, weights=TARGET, mix_by="samples", oversize_policy="crop")
+    names, _, by_samples, fills = realised_shares(cfg, 1000)
+    for name, share in zip(names, by_samples, strict=True):
+        assert abs(share - TARGET[name]) <= 0.02, (name, share)
+    assert fills.mean() >= 0.97
+
+
+def test_budgets_hold_in_collated_batches(small_shards):
+    cfg = config(small_shards, max_atoms=6000, max_graphs=40, max_edges=60_000, train_batches_per_epoch=15,
+                 oversize_policy="crop")
+    for b in TrainLoader(resolve(cfg)):
+        assert b.num_nodes <= 6000 and b.num_graphs <= 40
+        assert b.edge_index.shape[1] + 2 * b.sr_index.shape[1] <= 60_000
+        assert b.stats["atoms"] == b.num_nodes and b.stats["graphs"] == b.num_graphs
+        # the batch contract: edges inside molecules, both directions, masks and pairs consistent
+        g = b.batch.numpy()
+        ei = b.edge_index.numpy()
+        assert np.array_equal(g[ei[0]], g[ei[1]]) and (ei[0] != ei[1]).all()
+        lr = b.lr_index.numpy()
+        assert np.array_equal(g[lr[0]], g[lr[1]]) and (lr[0] != lr[1]).all()
+        assert b.mlm_mask.sum() >= 1
+
+
+def test_fixed_batch_size_mode(small_shards):
+    cfg = config(small_shards, batch_size=32, weights={"small_molecule": 1.0}, train_batches_per_epoch=5)
+    batches = list(TrainLoader(resolve(cfg)))
+    assert [b.num_graphs for b in batches] == [32] * 5
+
+
+def test_homogeneous_batches_hold_one_domain(small_shards):
+    cfg = config(small_shards, cross_domain_batches=False, max_atoms=10_000, train_batches_per_epoch=30,
+                 weights={"protein": 0.5, "metabolite": 0.5}, mix_by="atoms")
+    seen = set()
+    for b in TrainLoader(resolve(cfg)):
+        doms = set(b.domain.tolist())
+        assert len(doms) == 1
+        seen |= doms
+    assert len(seen) == 2
+
+
+def test_oversize_raise_names_the_sample_and_the_fix(demo_shards):
+    with pytest.raises(OversizeError, match=r"1z58.*oversize_policy"):
+        resolve(config(demo_shards, oversize_policy="raise"))
+
+
+@pytest.mark.parametrize("policy", ["skip", "crop"])
+def test_oversize_skip_and_crop_are_counted(demo_shards, policy):
+    cfg = config(demo_shards, weights={"rna": 1.0}, oversize_policy=policy, train_batches_per_epoch=12)
+    loader = TrainLoader(resolve(cfg))
+    keys = set()
+    for b in loader:
+        assert b.num_nodes <= 25_000
+        keys |= set(b["keys"])
+    rna = loader.stats()["rna"]
+    big = {k for k in keys if k.startswith(("1z58", "3jbv"))}
+    if policy == "skip":
+        assert rna["oversize_skipped"] >= 2 and rna["oversize_cropped"] == 0 and not big
+    else:
+        assert rna["oversize_cropped"] >= 2 and rna["oversize_skipped"] == 0 and len(big) == 2
+
+
+def corrupt_copy(src, dst, domain):
+    shutil.copytree(src, dst)
+    ix = load_domain_index(str(dst), domain, "train")
+    with open(ix.shard_urls[0], "r+b") as f:  # smash the safetensors header of the first member
+        f.seek(int(ix.offset[0]))
+        f.write(b"\xff" * 16)
+    return ix.keys[0]
+
+
+def test_bad_sample_raises_or_is_counted(small_shards, tmp_path):
+    root = tmp_path / "bad"
+    key = corrupt_copy(small_shards, root, "metabolite")
+    cfg = config(root, weights={"metabolite": 1.0}, max_atoms=3000, train_batches_per_epoch=4)
+    with pytest.raises(SchemaError, match=key):
+        list(TrainLoader(resolve(cfg)))
+    cfg = config(root, weights={"metabolite": 1.0}, max_atoms=3000, train_batches_per_epoch=4,
+                 bad_sample_policy="skip")
+    loader = TrainLoader(resolve(cfg))
+    seen = {k for b in loader for k in b["keys"]}
+    assert key not in seen and loader.stats()["metabolite"]["bad"] >= 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_is_exact_and_ranks_step_equally(small_shards, world):
+    cfg = config(small_shards, max_atoms=2000, num_workers=2, oversize_policy="crop")
+    res = resolve(cfg)
+    expected = sorted(k for ix in res.val for k in ix.keys.tolist())
+    got, lengths = [], []
+    for rank in range(world):
+        loader = eval_loader(res, "val", rank, world)
+        batches = list(loader)
+        lengths.append(len(batches))
+        assert len(batches) == len(loader)
+        got += [k for b in batches for k in b["keys"]]
+        assert all(b.num_nodes <= 2000 for b in batches)
+    assert sorted(got) == expected
+    assert len(set(lengths)) == 1
+    again = [k for b in eval_loader(res, "val", 0, world) for k in b["keys"]]
+    assert again == [k for b in eval_loader(res, "val", 0, world) for k in b["keys"]]
+
+
+def test_config_errors_name_the_field_and_fix(small_shards):
+    with pytest.raises(ValueError, match="did you mean 'max_atoms'"):
+        DataConfig.from_dict({"max_atom": 10})
+    with pytest.raises(ValueError, match="oversize_policy"):
+        DataConfig(oversize_policy="drop")
+    with pytest.raises(ValueError, match=r"'peptide' is not in the shards root.*data.domains"):
+        resolve(config(small_shards, weights={"peptide": 1.0}))
+    with pytest.raises(ValueError, match="re-convert with --radius"):
+        resolve(config(small_shards, radius_A=8.0))
+    cfg = DataConfig.from_dict({"root": "x", "domains": {"protein": 0.7, "rna": {"weight": 0.3, "root": "y"}}})
+    assert cfg.domains[1].root == "y" and cfg.domains[0].weight == 0.7
