@@ -17,7 +17,13 @@ Fields of the returned batch (``N`` atoms, ``G`` graphs):
 - ``sr_index`` long [2, H]: held-out radius pairs (one direction, i < j) whose length is to be classified;
   about ``sr_fraction`` of the pairs (positions drawn with replacement, so slightly fewer).
 - ``lr_index`` long [2, P]: random atom pairs, both atoms in the same molecule, i != j.
-- ``domain`` long [G]: domain id (position in the loader's domain list); ``keys``: list[str] of G.
+- ``domain`` long [G]: domain id (position in the loader's domain list); ``keys``: list[str] of G
+  (read it as ``batch["keys"]``: ``batch.keys`` is PyG's method).
+
+Added by the loader (:mod:`pipeline.stream`, :mod:`pipeline.loader`): ``stats`` (dict: atoms, graphs,
+edges, fill, domain_atoms, domain_graphs), ``pass_index`` long [G] (training: the pass over its domain
+each sample belongs to) and ``loader_seq`` (training: the batch's sequence number, used for resume). A
+validation/test batch with ``num_graphs == 0`` pads a rank that has fewer planned batches than others.
 """
 
 from __future__ import annotations

@@ -71,6 +71,8 @@ class DataConfig:
     """Training batches per epoch on every rank; None = one pass of all training atoms over the world's budget."""
     num_workers: int = 2
     """DataLoader worker processes per rank; 0 streams in the main process."""
+    worker_start_method: str | None = None
+    """DataLoader worker start method ('fork', 'forkserver', 'spawn'); None = the process default (spawn is slow to start)."""
     prefetch_factor: int = 4
     """Batches prefetched per worker, batches."""
     radius_A: float = 5.0
@@ -113,6 +115,10 @@ class DataConfig:
             raise ValueError(f"data.pool_budget_multiple={self.pool_budget_multiple!r}: must be >= 1")
         if not 0 <= self.fifo_fraction <= 1:
             raise ValueError(f"data.fifo_fraction={self.fifo_fraction!r}: must be in [0, 1]")
+        if self.worker_start_method not in (None, "fork", "forkserver", "spawn"):
+            raise ValueError(
+                f"data.worker_start_method={self.worker_start_method!r}: use 'fork', 'forkserver', 'spawn' or null"
+            )
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers!r}: must be >= 0")
         for f_ in ("mask_fraction", "sr_fraction"):

@@ -233,6 +233,7 @@ class TrainLoader:
                 collate_fn=_identity,
                 prefetch_factor=self.res.cfg.prefetch_factor,
                 persistent_workers=False,
+                multiprocessing_context=self.res.cfg.worker_start_method,
             )
         )
 
@@ -403,5 +404,6 @@ def eval_loader(res: Resolved, split: str, rank: int = 0, world_size: int = 1, n
     nw = res.cfg.num_workers if num_workers is None else num_workers
     nw = min(nw, max(1, len(ds))) if nw else 0
     return DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity,
-                      prefetch_factor=res.cfg.prefetch_factor if nw else None)
+                      prefetch_factor=res.cfg.prefetch_factor if nw else None,
+                      multiprocessing_context=res.cfg.worker_start_method if nw else None)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
+import torch
 
 from pipeline import storage
 from pipeline.collate import CollateOptions, collate
@@ -541,6 +542,7 @@ class Collator:
         rng = rng_for(self.seed, 0xC011, self.slot, self.n)
         batch = collate([it.sample for it in items], [it.d for it in items], self.opt, rng)
         batch.stats = batch_stats(items, self.n_domains, self.max_atoms, int(batch.edge_index.shape[1]))
+        batch.pass_index = torch.tensor([it.pass_ for it in items], dtype=torch.long)
         c = self.counters
         c[:, _C["samples"]] += batch.stats["domain_graphs"]
         c[:, _C["atoms"]] += batch.stats["domain_atoms"]
