@@ -187,10 +187,11 @@ def edge_attention(q: Tensor, k: Tensor, v: Tensor, src: Tensor, dst: Tensor, dr
     n, h, d = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32, fp64 stays fp64
     scores = (q[dst].to(acc) * k[src].to(acc)).sum(-1) / math.sqrt(d)  # [E, H]
-    smax = torch.full((n, h), float("-inf"), device=q.device, dtype=acc).scatter_reduce(
-        0, dst.unsqueeze(1).expand(-1, h), scores, reduce="amax", include_self=True
-    )  # [N, H]
-    e = torch.exp(scores - smax[dst].detach())  # [E, H]
+    with torch.no_grad():  # the shift cancels in the softmax: no gradient needed through it
+        smax = torch.full((n, h), float("-inf"), device=q.device, dtype=acc).scatter_reduce(
+            0, dst.unsqueeze(1).expand(-1, h), scores, reduce="amax", include_self=True
+        )  # [N, H]
+    e = torch.exp(scores - smax[dst])  # [E, H]
     denom = torch.zeros(n, h, device=q.device, dtype=acc).index_add_(0, dst, e)  # [N, H]
     probs = (e / denom[dst]).to(v.dtype)  # [E, H]
     probs = F.dropout(probs, dropout_p)
