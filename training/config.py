@@ -26,7 +26,9 @@ class TrainerConfig:
     max_steps: int = 1000
     """Optimiser steps of the run (the stream is infinite; this ends training)."""
     val_check_interval: int = 200
-    """Run validation every this many training batches."""
+    """Run validation (and save the best checkpoint) every this many training batches."""
+    checkpoint_every_n_steps: int = 100
+    """Save run_dir/checkpoints/last.ckpt (model, optimiser, scheduler, data stream) every this many steps."""
     limit_val_batches: int | None = None
     """Cap on validation batches per evaluation (None = the whole val split, each sample once)."""
     accelerator: str = "auto"
@@ -63,8 +65,9 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise ValueError(f"trainer.max_steps={self.max_steps}: must be >= 1")
-        if self.val_check_interval < 1:
-            raise ValueError(f"trainer.val_check_interval={self.val_check_interval}: must be >= 1")
+        if self.val_check_interval < 1 or self.checkpoint_every_n_steps < 1:
+            raise ValueError(f"trainer.val_check_interval={self.val_check_interval} and trainer.checkpoint_every_n_steps="
+                             f"{self.checkpoint_every_n_steps}: must be >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"trainer.precision={self.precision!r}: use one of {PRECISIONS}")
         if self.strategy not in STRATEGIES:
