@@ -1,0 +1,119 @@
+"""Real training processes: a short run end to end, SIGKILL + resume equals an uninterrupted run,
+DDP with two CPU processes, and embeddings export."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(900)
+
+# A tiny, deterministic configuration of the demo: small model and budget, no dropout, one thread.
+TINY = [
+    "model.dim=32", "model.num_heads=4", "model.mlp_hidden=64", "model.num_gaussians=16", "model.num_seeds=4",
+    "model.layers=M S P", "tasks.head_hidden=32", "data.max_atoms=800", "data.num_workers=1",
+    "trainer.num_threads=1", "trainer.deterministic=true", "trainer.progress_bar=false",
+    "trainer.test_after_fit=false", "logging.loss_plot=false", "logging.batch_stats_every_n_steps=2",
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def _cmd(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "training.run", str(REPO / "configs" / "demo.yaml"), f"data.root={shards}",
+            f"trainer.run_dir={run_dir}", *TINY, *extra]
+
+
+def _weights(ckpt: Path) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_kill_and_resume_equals_uninterrupted_run(demo_shards, tmp_path):
+    steps = ["trainer.max_steps=24", "trainer.checkpoint_every_n_steps=4", "trainer.val_check_interval=8"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref = subprocess.run(_cmd(demo_shards, ref_dir, *steps), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    proc = subprocess.Popen(_cmd(demo_shards, run_dir, *steps), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 400
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists():
+            try:
+                step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+            except (RuntimeError, EOFError, OSError):  # being written
+                step = 0
+            if step >= 8:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = step
+                break
+        time.sleep(0.2)
+    proc.wait(timeout=60)
+    assert killed_at is not None and killed_at < 24, "the run was not killed mid-way"
+    resumed = subprocess.run(_cmd(demo_shards, run_dir, *steps) + ["--resume", "last"], cwd=REPO, env=_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _weights(ref_dir / "checkpoints" / "last.ckpt"), _weights(last)
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 24
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume (killed at step {killed_at})"
+
+
+def test_resume_refuses_a_missing_checkpoint(demo_shards, tmp_path):
+    r = subprocess.run(_cmd(demo_shards, tmp_path / "none") + ["--resume", "last"], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "no checkpoint at" in r.stderr
+
+
+def test_bad_config_value_fails_fast_with_the_fix(demo_shards, tmp_path):
+    r = subprocess.run(_cmd(demo_shards, tmp_path / "x", "trainer.max_stepz=3"), cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "did you mean 'trainer.max_steps'" in r.stderr
+
+
+def test_ddp_two_cpu_processes_run_to_the_end(demo_shards, tmp_path):
+    run_dir = tmp_path / "ddp"
+    r = subprocess.run(_cmd(demo_shards, run_dir, "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu",
+                            "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.checkpoint_every_n_steps=3",
+                            "trainer.test_after_fit=true", "trainer.log_every_n_steps=1"),
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "world_size: 2" in r.stderr or "MEMBER: 2/2" in r.stderr
+    metrics = (run_dir / "logs" / "metrics.csv").read_text()
+    header = metrics.splitlines()[0]
+    for key in ("train/loss", "val/loss", "test/loss", "val/mlm_acc/small_molecule", "test/mlm_loss/protein"):
+        assert key in header, key
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 6
+
+
+def test_embeddings_export_one_row_per_molecule(demo_shards, tmp_path):
+    run_dir = tmp_path / "emb"
+    r = subprocess.run(_cmd(demo_shards, run_dir, "trainer.max_steps=2", "trainer.val_check_interval=2"),
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "emb.parquet"
+    e = subprocess.run([sys.executable, "-m", "training.embed", str(run_dir / "checkpoints" / "last.ckpt"),
+                        str(demo_shards), str(out), "max_atoms=4000", "num_workers=0", "--no-progress"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert e.returncode == 0, e.stderr[-3000:]
+    t = pq.read_table(out)
+    keys = t.column("key").to_pylist()
+    assert t.num_rows == 736 == len(set(keys))
+    emb = torch.tensor(t.column("embedding").to_pylist())
+    assert emb.shape == (736, 32) and torch.isfinite(emb).all()
