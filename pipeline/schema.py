@@ -103,6 +103,7 @@ INDEX_COLUMNS = {
     "shard": "string: shard path relative to the shards root",
     "offset": "int64: byte offset of the member's data inside the (uncompressed) tar",
     "size": "int64: byte size of the member",
+    "crc32": "int64: zlib.crc32 of the member's bytes (readers verify each sample with it)",
     "num_atoms": "int32",
     "num_bonds": "int32",
     "num_edges": "int32: stored radius-graph pairs (each once)",

@@ -13,6 +13,7 @@ import io
 import json
 import sys
 import tarfile
+import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -89,6 +90,7 @@ def verify(root: str, man: dict, index: dict) -> list[str]:
                         continue
                     seen.add(key)
                     checks = [("shard", sh["path"]), ("offset", m.offset_data), ("size", m.size),
+                              ("crc32", zlib.crc32(payload)),
                               ("num_atoms", s.num_atoms), ("num_bonds", len(s.bonds)), ("num_edges", len(s.edges)),
                               ("domain", s.domain)]
                     for col, val in checks:

@@ -119,7 +119,8 @@ def write_shard(out_root: Path, rel_path: str, members: list[dict], domain: str,
                     data_offset = tar.offset - -(-len(data) // TAR_BLOCK) * TAR_BLOCK
                     rows.append({
                         "key": e["key"], "domain": domain, "split": split, "shard": rel_path,
-                        "offset": data_offset, "size": len(data), "num_atoms": e["num_atoms"],
+                        "offset": data_offset, "size": len(data), "crc32": zlib.crc32(data),
+                        "num_atoms": e["num_atoms"],
                         "num_bonds": e["num_bonds"], "num_edges": e["num_edges"],
                         "source": e["source"], "record": e["record"],
                     })
@@ -136,7 +137,7 @@ def write_shard(out_root: Path, rel_path: str, members: list[dict], domain: str,
 
 _INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("domain", pa.string()), ("split", pa.string()), ("shard", pa.string()),
-    ("offset", pa.int64()), ("size", pa.int64()), ("num_atoms", pa.int32()), ("num_bonds", pa.int32()),
+    ("offset", pa.int64()), ("size", pa.int64()), ("crc32", pa.int64()), ("num_atoms", pa.int32()), ("num_bonds", pa.int32()),
     ("num_edges", pa.int32()), ("source", pa.string()), ("record", pa.int32()),
 ])
 
