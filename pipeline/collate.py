@@ -148,6 +148,14 @@ def _long_range_pairs(counts: np.ndarray, offsets: np.ndarray, opt: CollateOptio
     return np.stack([i + offsets[mol], j + offsets[mol]])
 
 
+def _split_pairs(pairs: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pairs[held], pairs[~held]); an int32 pair is compressed as one 8-byte item (much faster than 2-D masking)."""
+    if pairs.dtype == np.int32 and pairs.flags.c_contiguous and len(pairs):
+        flat = pairs.view(np.int64).reshape(-1)
+        return flat[held].view(np.int32).reshape(-1, 2), flat[~held].view(np.int32).reshape(-1, 2)
+    return pairs[held], pairs[~held]
+
+
 def _both_directions(pairs: np.ndarray) -> np.ndarray:
     """[k, 2] pairs (i, j) to a long [2, 2k] index: all (i, j) then all (j, i)."""
     k = len(pairs)
@@ -159,12 +167,13 @@ def _both_directions(pairs: np.ndarray) -> np.ndarray:
     return out
 
 
-def collate(
+def collate_compact(
     samples: list[Sample], domain_ids: list[int], opt: CollateOptions, rng: np.random.Generator
-) -> Batch:
-    """Build the PyG batch of ``samples`` (see the module docstring for its fields).
+) -> dict:
+    """All the per-batch work of :func:`collate`, in a compact form (int32 pairs stored once, uint8 elements).
 
-    An empty ``samples`` list gives a valid batch with zero graphs (used to pad evaluation ranks).
+    DataLoader workers return this: it is a third of the bytes of the finished batch, and moving bytes
+    from a worker to the main process costs about as much as computing them. :func:`expand` finishes it.
     """
     g = len(samples)
     counts = np.fromiter((s.z.shape[0] for s in samples), np.int64, g)
@@ -172,11 +181,11 @@ def collate(
     np.cumsum(counts, out=ptr[1:])
     offsets = ptr[:-1]
     n = int(ptr[-1])
-    z = np.concatenate([s.z for s in samples]).astype(np.int64) if g else np.zeros(0, np.int64)
+    z = np.concatenate([s.z for s in samples]) if g else np.zeros(0, np.uint8)
     pos = np.concatenate([s.pos for s in samples]).astype(np.float32, copy=False) if g else np.zeros((0, 3), np.float32)
     b_counts = np.fromiter((s.bonds.shape[0] for s in samples), np.int64, g)
-    bonds = _offset_pairs([s.bonds for s in samples], b_counts, offsets, np.int64)
-    bonds = np.sort(bonds, axis=1)
+    idx_t = np.int32 if n < 2**31 - 1 else np.int64
+    bonds = _offset_pairs([s.bonds for s in samples], b_counts, offsets, idx_t)  # i < j (schema)
 
     pairs = radius_pairs(samples, offsets, pos, opt) if g else np.zeros((0, 2), np.int32)
     # held-out short-range pairs: about sr_fraction of the pairs, positions drawn with replacement
@@ -184,11 +193,8 @@ def collate(
     held = np.zeros(n_pairs, bool)
     if n_pairs and opt.sr_fraction > 0:
         held[rng.integers(0, n_pairs, int(rng.binomial(n_pairs, opt.sr_fraction)))] = True
-    sr = pairs[held].T.astype(np.int64)
-    kept = pairs[~held]
+    sr, kept = _split_pairs(pairs, held)
     kept_bond = _bond_flags(kept, bonds, n)
-    edge_index = _both_directions(kept)
-    edge_is_bond = np.concatenate([kept_bond, kept_bond])
 
     n_mask = max(1, int(round(opt.mask_fraction * n))) if n else 0
     mlm_mask = np.zeros(n, bool)
@@ -196,21 +202,52 @@ def collate(
         mlm_mask[rng.choice(n, size=n_mask, replace=False)] = True
 
     lr = _long_range_pairs(counts, offsets, opt, rng)
-    batch_vec = np.repeat(np.arange(g), counts)
+    t = torch.from_numpy
+    return {
+        "z": t(np.ascontiguousarray(z, np.uint8)),
+        "pos": t(np.ascontiguousarray(pos)),
+        "counts": t(counts),
+        "pairs": t(np.ascontiguousarray(kept)),
+        "pair_is_bond": t(kept_bond),
+        "bonds": t(np.ascontiguousarray(bonds)),
+        "mlm_mask": t(mlm_mask),
+        "sr": t(np.ascontiguousarray(sr)),
+        "lr": t(lr),
+        "domain": torch.tensor(domain_ids, dtype=torch.long),
+        "keys": [s.key for s in samples],
+    }
 
+
+def expand(c: dict) -> Batch:
+    """The PyG batch (module docstring) from :func:`collate_compact`'s output."""
+    counts = c["counts"]
+    g = int(counts.shape[0])
+    ptr = torch.zeros(g + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    pair_bond = c["pair_is_bond"]
     out = Batch(
-        z=torch.from_numpy(z),
-        pos=torch.from_numpy(np.ascontiguousarray(pos)),
-        batch=torch.from_numpy(batch_vec),
-        ptr=torch.from_numpy(ptr),
-        edge_index=torch.from_numpy(edge_index),
-        edge_is_bond=torch.from_numpy(edge_is_bond),
-        bond_index=torch.from_numpy(_both_directions(bonds)),
-        mlm_mask=torch.from_numpy(mlm_mask),
-        sr_index=torch.from_numpy(np.ascontiguousarray(sr)),
-        lr_index=torch.from_numpy(lr),
-        domain=torch.tensor(domain_ids, dtype=torch.long),
-        keys=[s.key for s in samples],
+        z=c["z"].long(),
+        pos=c["pos"],
+        batch=torch.repeat_interleave(torch.arange(g), counts),
+        ptr=ptr,
+        edge_index=torch.from_numpy(_both_directions(c["pairs"].numpy())),
+        edge_is_bond=torch.cat([pair_bond, pair_bond]),
+        bond_index=torch.from_numpy(_both_directions(c["bonds"].numpy())),
+        mlm_mask=c["mlm_mask"],
+        sr_index=c["sr"].T.long().contiguous(),
+        lr_index=c["lr"],
+        domain=c["domain"],
+        keys=c["keys"],
     )
     out._num_graphs = g
     return out
+
+
+def collate(
+    samples: list[Sample], domain_ids: list[int], opt: CollateOptions, rng: np.random.Generator
+) -> Batch:
+    """Build the PyG batch of ``samples`` (see the module docstring for its fields).
+
+    An empty ``samples`` list gives a valid batch with zero graphs (used to pad evaluation ranks).
+    """
+    return expand(collate_compact(samples, domain_ids, opt, rng))

@@ -30,6 +30,7 @@ from pipeline.stream import (
     OversizeError,
     budget_of,
     collate_options,
+    finish,
     stats_of,
     train_stream,
 )
@@ -189,8 +190,7 @@ class _TrainWorkerDataset(IterableDataset):
             if self.states[w] is not None:
                 stream.load_state_dict(self.states[w])
             for _ in range(count):
-                batch = next(stream)
-                yield batch, w, stream.state_dict()
+                yield stream.next_compact(), w, stream.state_dict()
         finally:
             stream.close()
 
@@ -240,7 +240,8 @@ class TrainLoader:
     def __iter__(self):
         if self.done >= self.batches_per_epoch:
             self.epoch, self.done = self.epoch + 1, 0
-        for batch, w, state in self._loader():
+        for compact, w, state in self._loader():
+            batch = finish(compact)  # in the main process: fewer bytes cross from the worker
             self.states[w] = state
             self.done += 1
             self.seq += 1
@@ -309,7 +310,9 @@ class TrainLoader:
 class EvalDataset(IterableDataset):
     """Val/test batches planned from the index; this rank's share, dealt to workers round-robin."""
 
-    def __init__(self, res: Resolved, split: str, rank: int = 0, world_size: int = 1):
+    def __init__(self, res: Resolved, split: str, rank: int = 0, world_size: int = 1, shuffle: bool = False):
+        """``shuffle``: interleave all samples in a seeded random order before planning (one mixed pass in
+        natural proportions, as the dry run streams it); otherwise domain after domain in index order."""
         self.res, self.split, self.rank, self.world = res, split, rank, world_size
         cfg = res.cfg
         budget = budget_of(cfg)
@@ -332,6 +335,9 @@ class EvalDataset(IterableDataset):
             )]
         else:
             groups = [(np.full(len(g[1]), g[0]), g[1], g[2], g[3]) for g in groups]
+        if shuffle:
+            rng = rng_for(cfg.seed, 0x5F1E, domain_key(split))
+            groups = [tuple(a[perm] for a in g) for g in groups for perm in [rng.permutation(len(g[1]))]]
         batches = []
         for dom, ids, atoms, edges in groups:
             for b in plan_batches(atoms, budget.max_atoms, edges if cfg.max_edges else None, cfg.max_edges,
@@ -398,9 +404,11 @@ def _empty_batch(opt, n_domains: int):
     return batch
 
 
-def eval_loader(res: Resolved, split: str, rank: int = 0, world_size: int = 1, num_workers: int | None = None):
-    """A DataLoader over the exact, finite val/test batches of this rank."""
-    ds = EvalDataset(res, split, rank, world_size)
+def eval_loader(
+    res: Resolved, split: str, rank: int = 0, world_size: int = 1, num_workers: int | None = None, shuffle: bool = False
+):
+    """A DataLoader over the exact, finite val/test batches of this rank (any split; see :class:`EvalDataset`)."""
+    ds = EvalDataset(res, split, rank, world_size, shuffle)
     nw = res.cfg.num_workers if num_workers is None else num_workers
     nw = min(nw, max(1, len(ds))) if nw else 0
     return DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.collate import CollateOptions, collate
+from pipeline.collate import CollateOptions, collate_compact, expand
 from pipeline.config import DataConfig
 from pipeline.index import DomainIndex
 from pipeline.packing import choose_head, crop_sample, filler_limit, pool_wants_more, select_batch
@@ -86,7 +86,8 @@ class BlockRandom:
 
 
 class ShardFetcher:
-    """Reads members by sample id through :mod:`pipeline.storage`; keeps one shard open at a time."""
+    """Reads members by sample id through :mod:`pipeline.storage`: runs of consecutive members with one read
+    (local: one open file, seek + read; remote: ``storage.read_range``, a single Range request)."""
 
     def __init__(self, index: DomainIndex) -> None:
         self.index = index
@@ -122,9 +123,13 @@ class ShardFetcher:
         ix = self.index
         first, last = int(ids[0]), int(ids[-1])
         start, end = int(ix.offset[first]), int(ix.offset[last] + ix.size[last])
-        f = self._seek(int(ix.shard[first]), start)
-        data = f.read(end - start)
-        self._pos = start + len(data)
+        url = ix.shard_urls[int(ix.shard[first])]
+        if storage.scheme_of(url) == "file":  # keep the local file open between runs
+            f = self._seek(int(ix.shard[first]), start)
+            data = f.read(end - start)
+            self._pos = start + len(data)
+        else:  # one bounded Range request per run
+            data = storage.read_range(url, start, end - start)
         if len(data) != end - start:
             raise storage.StorageError(
                 f"{ix.shard_urls[int(ix.shard[first])]}: wanted bytes {start}..{end}, got {len(data)}; "
@@ -538,23 +543,36 @@ class Collator:
         return self
 
     def __next__(self):
+        return finish(self.next_compact())
+
+    def next_compact(self) -> dict:
+        """The next batch in :func:`pipeline.collate.collate_compact` form, with ``stats`` and ``pass_index``."""
         items = next(self.upstream)
         rng = rng_for(self.seed, 0xC011, self.slot, self.n)
-        batch = collate([it.sample for it in items], [it.d for it in items], self.opt, rng)
-        batch.stats = batch_stats(items, self.n_domains, self.max_atoms, int(batch.edge_index.shape[1]))
-        batch.pass_index = torch.tensor([it.pass_ for it in items], dtype=torch.long)
-        c = self.counters
-        c[:, _C["samples"]] += batch.stats["domain_graphs"]
-        c[:, _C["atoms"]] += batch.stats["domain_atoms"]
-        c[:, _C["batches"]] += np.asarray(batch.stats["domain_graphs"]) > 0
+        c = collate_compact([it.sample for it in items], [it.d for it in items], self.opt, rng)
+        stats = batch_stats(items, self.n_domains, self.max_atoms, 2 * int(c["pairs"].shape[0]))
+        c["stats"] = stats
+        c["pass_index"] = torch.tensor([it.pass_ for it in items], dtype=torch.long)
+        cnt = self.counters
+        cnt[:, _C["samples"]] += stats["domain_graphs"]
+        cnt[:, _C["atoms"]] += stats["domain_atoms"]
+        cnt[:, _C["batches"]] += np.asarray(stats["domain_graphs"]) > 0
         self.n += 1
-        return batch
+        return c
 
     def state_dict(self) -> dict:
         return {"n": self.n}
 
     def load_state_dict(self, st: dict) -> None:
         self.n = int(st["n"])
+
+
+def finish(c: dict):
+    """Expand a compact batch into the PyG Batch and attach the loader's fields (``stats``, ``pass_index``)."""
+    batch = expand(c)
+    batch.stats = c["stats"]
+    batch.pass_index = c["pass_index"]
+    return batch
 
 
 def collate_options(cfg: DataConfig) -> CollateOptions:
@@ -594,7 +612,10 @@ class TrainStream:
         return self
 
     def __next__(self):
-        return next(self.collator)
+        return finish(self.collator.next_compact())
+
+    def next_compact(self) -> dict:
+        return self.collator.next_compact()
 
     def next_items(self) -> list[Item]:
         """The next batch before collation (cheap; for planning checks and benchmarks of packing)."""

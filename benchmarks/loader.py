@@ -1,0 +1,281 @@
+"""Streaming loader vs the seed-style path on the same structures; prints one JSON line.
+
+Measured in the same run, each phase in its own process (so peak RSS is its own):
+
+- ``ours``: ``pipeline.loader.TrainLoader`` (1 DataLoader worker, local shards, natural mix of the four
+  demo domains, packing to ``--max-atoms``, transforms + collation to a PyG ``Batch``);
+- ``seed``: the seed's path on the same training structures: ``torch.load`` of ``(data, slices)`` chunks
+  (edges stored, as the seed's chunks), PyG ``DynamicBatchSampler(mode='node', max_num=25000)`` and
+  ``Batch`` collation; one cold pass (every sample separated afresh) and one warm pass (PyG's cache);
+- ``rss_x10``: our loader's peak RSS when the data is replicated 10x (it must stay flat);
+- ``first_10k``: time to the first batch with a synthetic 10 000-shard index.
+
+    python benchmarks/loader.py [--batches 60] [--max-atoms 25000] [--domain protein] [--pt-root /path/to/demo-pt]
+
+Without ``--pt-root`` the demo raw data (minus the two RNAs over 25 000 atoms, which the seed's demo
+chunks leave out too) is converted and the seed-style chunks are written from those very shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIG_RNA = ("1z58.pdb", "3jbv_A.pdb")
+SHUFFLE_BUFFER_BYTES = 1 << 20
+
+
+def _peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round((own + kids) / 1024, 1)  # Linux: KiB; a worker's peak counts on top of the main process
+
+
+# -- phases (each runs in a fresh process) -------------------------------------------------------------
+def phase_ours(shards: str, batches: int, max_atoms: int, domain: str | None) -> dict:
+    from pipeline.config import DataConfig, DomainConfig
+    from pipeline.loader import TrainLoader, resolve
+
+    t0 = time.perf_counter()
+    # a 1 MiB shuffle buffer per domain: the 1x demo already fills it, so 1x vs 10x compares like with like
+    cfg = DataConfig(root=shards, max_atoms=max_atoms, num_workers=1, train_batches_per_epoch=batches,
+                     oversize_policy="crop", domains=(DomainConfig(domain),) if domain else (),
+                     shuffle_buffer_bytes=SHUFFLE_BUFFER_BYTES)
+    loader = TrainLoader(resolve(cfg))
+    atoms, n, t1 = [], 0, None
+    for b in loader:
+        if t1 is None:
+            t1 = time.perf_counter()
+        else:  # throughput excludes the first batch (start-up is reported separately)
+            atoms.append(b.num_nodes)
+        n += 1
+    t2 = time.perf_counter()
+    return {"atoms_per_s": round(sum(atoms) / (t2 - t1)), "fill": round(sum(atoms) / (len(atoms) * max_atoms), 4),
+            "first_batch_s": round(t1 - t0, 3), "batches": n, "peak_rss_MB": _peak_rss_mb()}
+
+
+def phase_seed(pt_root: str, max_atoms: int, min_batches: int, domain: str | None) -> dict:
+    import torch
+    from torch_geometric.data import InMemoryDataset
+    from torch_geometric.loader import DataLoader, DynamicBatchSampler
+
+    class Chunk(InMemoryDataset):
+        def __init__(self, path):
+            super().__init__(None)
+            self.data, self.slices = torch.load(path, weights_only=False)
+
+    t0 = time.perf_counter()
+    chunks = [Chunk(p) for p in sorted(Path(pt_root).glob(f"{domain or '*'}_chunk_*/processed/data.pt"))]
+    dataset = torch.utils.data.ConcatDataset(chunks)
+    torch.manual_seed(0)  # the seed-style sampler draws from torch's global generator
+    sampler = DynamicBatchSampler(dataset, max_num=max_atoms, mode="node", shuffle=True)
+    loader = DataLoader(dataset, batch_sampler=sampler)
+    out = {}
+
+    def one_pass() -> tuple[int, int, float]:
+        atoms, n, ts = 0, 0, time.perf_counter()
+        for b in loader:
+            if "first_batch_s" not in out:
+                out["first_batch_s"] = round(time.perf_counter() - t0, 3)
+            atoms += b.num_nodes
+            n += 1
+        return atoms, n, time.perf_counter() - ts
+
+    for mode in ("cold", "warm"):  # cold: PyG's per-sample cache cleared before every pass (data > RAM)
+        atoms, batches, secs = 0, 0, 0.0
+        while batches < min_batches:
+            if mode == "cold":
+                for c in chunks:
+                    c._data_list = None
+            a, n, dt = one_pass()
+            atoms, batches, secs = atoms + a, batches + n, secs + dt
+        out[f"atoms_per_s_{mode}"] = round(atoms / secs)
+        out["fill"] = round(atoms / (batches * max_atoms), 4)
+    out["batches_per_pass"] = n
+    out["peak_rss_MB"] = _peak_rss_mb()
+    return out
+
+
+def phase_first(shards: str, max_atoms: int) -> dict:
+    from pipeline.config import DataConfig
+    from pipeline.loader import TrainLoader, resolve
+
+    t0 = time.perf_counter()
+    cfg = DataConfig(root=shards, max_atoms=max_atoms, num_workers=1, train_batches_per_epoch=1)
+    next(iter(TrainLoader(resolve(cfg))))
+    return {"first_batch_s": round(time.perf_counter() - t0, 3)}
+
+
+# -- data preparation ----------------------------------------------------------------------------------
+def convert(raw: Path, out: Path) -> None:
+    subprocess.run([sys.executable, "-m", "shards_tools.convert", str(raw), str(out), "--no-progress", "-q"],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+
+
+def seed_chunks_from_shards(shards: Path, out: Path) -> None:
+    """The seed's chunk layout (``(data, slices)`` of PyG Data with both-direction edges) of the training samples."""
+    import numpy as np
+    import torch
+    from torch_geometric.data import Data, InMemoryDataset
+
+    from pipeline.config import DataConfig
+    from pipeline.loader import resolve
+    from pipeline.stream import ShardFetcher, decode_member
+
+    res = resolve(DataConfig(root=str(shards), oversize_policy="crop"))
+    for ix in res.train:
+        f = ShardFetcher(ix)
+        data = []
+        for i, raw in enumerate(f.read_run(np.arange(len(ix)))):
+            s = decode_member(raw, ix, i, "raise")
+            e = torch.from_numpy(s.edges.astype(np.int64)).T
+            ei = torch.cat([e, e.flip(0)], 1)
+            pos = torch.from_numpy(s.pos.copy())
+            data.append(Data(z=torch.from_numpy(s.z.astype(np.int64)), pos=pos, edge_index=ei,
+                             edge_attr=(pos[ei[0]] - pos[ei[1]]).norm(dim=1, keepdim=True), num_nodes=s.num_atoms))
+        f.close()
+        d = out / f"{ix.name}_chunk_0" / "processed"
+        d.mkdir(parents=True)
+        torch.save(InMemoryDataset.collate(data), d / "data.pt")
+
+
+def replicate(shards: Path, out: Path, times: int) -> None:
+    """The same shards ``times`` over (new shard names and keys), for the RSS-vs-size check."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (out / "index").mkdir(parents=True)
+    for rel in manifest["index"].values():
+        t = pq.read_table(shards / rel)
+        parts = []
+        for r in range(times):
+            for shard in set(t["shard"].to_pylist()):
+                dst = out / shard.replace(".tar", f"-r{r}.tar")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(shards / shard, dst)
+            cols = {c: t[c] for c in t.column_names}
+            cols["shard"] = pa.array([s.replace(".tar", f"-r{r}.tar") for s in t["shard"].to_pylist()])
+            cols["key"] = pa.array([f"{k}_r{r}" for k in t["key"].to_pylist()])
+            parts.append(pa.table(cols))
+        pq.write_table(pa.concat_tables(parts), out / rel)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def many_shards(shards: Path, out: Path, n_shards: int, per_shard: int = 5) -> None:
+    """A synthetic root with ``n_shards`` small valid tar shards of small molecules (one domain)."""
+    import io
+    import tarfile
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import DataConfig
+    from pipeline.loader import resolve
+    from pipeline.schema import encode_sample
+    from pipeline.stream import ShardFetcher, decode_member
+
+    res = resolve(DataConfig(root=str(shards), domains=({"name": "small_molecule"},), oversize_policy="crop"))
+    ix = res.train[0]
+    f = ShardFetcher(ix)
+    pool = [decode_member(r, ix, i, "raise") for i, r in enumerate(f.read_run(np.arange(min(len(ix), 200))))]
+    rows = {c: [] for c in ("key", "domain", "split", "shard", "offset", "size", "num_atoms", "num_bonds",
+                            "num_edges", "source", "record")}
+    (out / "small_molecule").mkdir(parents=True)
+    k = 0
+    for s_i in range(n_shards):
+        rel = f"small_molecule/small_molecule-{s_i:06d}.tar"
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for _ in range(per_shard):
+                s = pool[k % len(pool)]
+                s.key = f"m{k:08d}"
+                data = encode_sample(s)
+                info = tarfile.TarInfo(f"{s.key}.safetensors")
+                info.size = len(data)
+                start = tar.offset  # a USTAR header with a short name is one 512-byte block
+                tar.addfile(info, io.BytesIO(data))
+                for c, v in (("key", s.key), ("domain", "small_molecule"), ("split", "train"), ("shard", rel),
+                             ("offset", start + 512), ("size", len(data)), ("num_atoms", s.num_atoms),
+                             ("num_bonds", len(s.bonds)), ("num_edges", len(s.edges)), ("source", "synthetic"),
+                             ("record", k)):
+                    rows[c].append(v)
+                k += 1
+        (out / rel).write_bytes(buf.getvalue())
+    (out / "index").mkdir()
+    pq.write_table(pa.table(rows), out / "index" / "small_molecule.parquet")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["index"] = {"small_molecule": "index/small_molecule.parquet"}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def run_phase(*args: str, domain: str | None = None) -> dict:
+    extra = ["--domain", domain] if domain else []
+    out = subprocess.run([sys.executable, __file__, *extra, "--phase", *args], cwd=REPO, check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, default=60, help="batches our loader streams (default 60)")
+    p.add_argument("--max-atoms", type=int, default=25_000)
+    p.add_argument("--pt-root", type=Path, default=None, help="seed-style chunks to convert and compare against")
+    p.add_argument("--domain", default=None, help="compare on one domain only (default: the natural mix of all)")
+    p.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.phase:
+        import torch
+
+        torch.set_num_threads(1)  # one core each: torch's OpenMP threads collapse under CPU contention
+        name, *rest = a.phase
+        fn = {"ours": lambda: phase_ours(rest[0], int(rest[1]), a.max_atoms, a.domain),
+              "seed": lambda: phase_seed(rest[0], a.max_atoms, int(rest[1]), a.domain),
+              "first": lambda: phase_first(rest[0], a.max_atoms)}[name]
+        print(json.dumps(fn()))
+        return
+    with tempfile.TemporaryDirectory() as tmp_:
+        tmp = Path(tmp_)
+        shards, pt = tmp / "shards", tmp / "pt"
+        if a.pt_root is not None:
+            convert(a.pt_root, shards)
+            pt = a.pt_root
+        else:
+            raw = tmp / "raw"
+            for dom in ("protein", "rna", "small_molecule", "metabolite"):
+                shutil.copytree(REPO / "data" / "demo" / "raw" / dom, raw / dom, ignore=shutil.ignore_patterns(*BIG_RNA))
+            convert(raw, shards)
+            seed_chunks_from_shards(shards, pt)
+        replicate(shards, tmp / "x10", 10)
+        many_shards(shards, tmp / "many", 10_000)
+        ours = run_phase("ours", str(shards), str(a.batches), domain=a.domain)
+        seed = run_phase("seed", str(pt), str(a.batches), domain=a.domain)
+        ours_x10 = run_phase("ours", str(tmp / "x10"), str(a.batches), domain=a.domain)
+        first = run_phase("first", str(tmp / "many"))
+    print(json.dumps({
+        "benchmark": "loader",
+        "max_atoms": a.max_atoms,
+        "mix": a.domain or "natural mix of all domains",
+        "ours_config": {"num_workers": 1, "shuffle_buffer_bytes": SHUFFLE_BUFFER_BYTES, "transforms": "all (MLM, sr, lr)"},
+        "ours": ours,
+        "seed": seed,
+        "ratio_vs_seed_cold": round(ours["atoms_per_s"] / seed["atoms_per_s_cold"], 2),
+        "ratio_vs_seed_warm": round(ours["atoms_per_s"] / seed["atoms_per_s_warm"], 2),
+        "rss_x10_ratio": round(ours_x10["peak_rss_MB"] / ours["peak_rss_MB"], 3),
+        "ours_x10": ours_x10,
+        "first_batch_10k_shards_s": first["first_batch_s"],
+        "targets": {"ratio": ">= 3", "fill": ">= 0.97", "rss_x10_ratio": "<= 1.1", "first_batch_10k_shards_s": "<= 2"},
+    }))
+
+
+if __name__ == "__main__":
+    main()
