@@ -35,6 +35,7 @@ class DomainIndex:
     size: np.ndarray  # int64 [n], member bytes
     num_atoms: np.ndarray  # int64 [n]
     num_edges: np.ndarray  # int64 [n], stored radius pairs (each once)
+    crc32: np.ndarray | None  # int64 [n], zlib.crc32 of each member (None: an index written before it existed)
     radius_A: float
     max_neighbors: int
 
@@ -92,6 +93,7 @@ def load_domain_index(root: str, domain: str, split: str, manifest: dict | None 
         size=table["size"].to_numpy().astype(np.int64)[order],
         num_atoms=table["num_atoms"].to_numpy().astype(np.int64)[order],
         num_edges=table["num_edges"].to_numpy().astype(np.int64)[order],
+        crc32=table["crc32"].to_numpy().astype(np.int64)[order] if "crc32" in table.column_names else None,
         radius_A=float(opts.get("radius_A") or 0.0),
         max_neighbors=int(opts.get("max_neighbors") or 0),
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -193,9 +194,15 @@ def fast_decode(data: bytes, index: DomainIndex, idx: int) -> Sample:
     return s
 
 
-def decode_member(data: bytes, index: DomainIndex, idx: int, bad_policy: str) -> Sample | None:
-    """Decode one member; a bad one raises (policy 'raise') or returns None (policy 'skip', counted by the caller)."""
+def decode_member(data: bytes, index: DomainIndex, idx: int, bad_policy: str, verify: bool = True) -> Sample | None:
+    """Decode one member (checked against the index's crc32 when ``verify``); a bad one raises (policy
+    'raise') or returns None (policy 'skip', counted by the caller)."""
     try:
+        if verify and index.crc32 is not None and zlib.crc32(data) != int(index.crc32[idx]):
+            raise SchemaError(
+                f"crc32 {zlib.crc32(data):#010x} does not match the index's {int(index.crc32[idx]):#010x}: "
+                "the member is corrupt (re-fetch or re-convert the shard)"
+            )
         return fast_decode(data, index, idx)
     except SchemaError as e:
         where = f"{index.shard_urls[int(index.shard[idx])]}:{index.keys[idx]}"
@@ -245,7 +252,7 @@ class DomainSource:
         datas = self.fetcher.read_run(ids)
         ix = self.index
         for k, (i, data) in enumerate(zip(ids.tolist(), datas, strict=True)):
-            s = decode_member(data, ix, i, self.cfg.bad_sample_policy)
+            s = decode_member(data, ix, i, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
             self._ready.append((lo + k, Item(self.d, self.pass_, i, s, len(data), 2 * int(ix.num_edges[i]))))
         self._next_read = hi
 
@@ -277,7 +284,7 @@ class DomainSource:
         got: dict[int, Item | None] = {}
         for run in self.fetcher.runs(np.unique(ids[order])):
             for i, data in zip(run.tolist(), self.fetcher.read_run(run), strict=True):
-                s = decode_member(data, self.index, i, self.cfg.bad_sample_policy)
+                s = decode_member(data, self.index, i, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
                 got[i] = None if s is None else Item(self.d, 0, i, s, len(data), 2 * int(self.index.num_edges[i]))
         out = []
         for p, i in pass_ids:
