@@ -31,6 +31,26 @@ from pipeline.stream import COUNTERS
 
 log = logging.getLogger("pipeline.dryrun")
 
+REPO = Path(__file__).resolve().parents[1]
+DEMO_RAW = REPO / "data" / "demo" / "raw"
+DEMO_SHARDS = REPO / "data" / "demo" / "shards"
+
+
+def ensure_demo_shards(root: str, demo_raw: Path = DEMO_RAW, demo_shards: Path = DEMO_SHARDS) -> None:
+    """The shipped configs point at ``data/demo/shards``: convert the vendored raw data there on first use
+    (as ``python -m training.run`` does), so the dry run works from a fresh clone. Other roots are untouched."""
+    if storage.scheme_of(root) != "file":
+        return
+    path = Path(root) if Path(root).is_absolute() else (Path.cwd() / root)
+    if path.resolve() != demo_shards.resolve() or (path / "manifest.json").exists():
+        return
+    from shards_tools.convert import main as convert  # offline tool, imported only for this one-time step
+
+    log.warning("demo shards missing: converting %s -> %s (once)", demo_raw, path)
+    code = convert([str(demo_raw), str(path), "--no-progress", "-q"])
+    if code != 0:
+        raise SystemExit(f"converting the demo data failed with exit code {code}; see {path / 'rejected.jsonl'}")
+
 
 def load_config(path: str) -> DataConfig:
     """A DataConfig from a YAML file: its ``data:`` section if present, else the whole mapping."""
@@ -156,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     over = {k: v for k, v in {"max_atoms": args.max_atoms, "oversize_policy": args.oversize_policy,
                               "seed": args.seed}.items() if v is not None}
     cfg = replace(cfg, **over)
+    ensure_demo_shards(cfg.root)
+    for d in cfg.domains:
+        if d.root:
+            ensure_demo_shards(d.root)
     summary = run(cfg, args.batches, one_pass, args.workers)
     if args.json:
         print(json.dumps(summary))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.dryrun import main
+from pipeline.dryrun import ensure_demo_shards, main
 from pipeline.loader import resolve
 from tests.pipeline.helpers import config
 
@@ -52,3 +52,14 @@ def test_corrupt_payload_is_caught_by_crc(small_shards, tmp_path):
     cfg = config(root, weights={"small_molecule": 1.0}, max_atoms=3000, train_batches_per_epoch=3)
     with pytest.raises(SchemaError, match="crc32"):
         list(TrainLoader(resolve(cfg)))
+
+
+def test_demo_shards_are_converted_on_first_use(demo_raw, tmp_path):
+    target = tmp_path / "shards"
+    ensure_demo_shards(str(tmp_path / "elsewhere"), demo_raw, target)  # another root: untouched
+    assert not target.exists()
+    small = tmp_path / "raw"
+    (small / "metabolite").mkdir(parents=True)
+    (small / "metabolite" / "m.sdf").write_bytes((demo_raw / "metabolite" / "metabolites_ccd_hmdb.sdf").read_bytes())
+    ensure_demo_shards(str(target), small, target)
+    assert (target / "manifest.json").exists()
