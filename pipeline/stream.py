@@ -431,7 +431,7 @@ class Packer:
         b, pool = self.b, self.pool
         if b.batch_size is not None:
             while len(pool) < b.batch_size:
-                pool.append(next(self.upstream))
+                self._add(next(self.upstream))
             return
         while not pool or pool_wants_more(self.pool_atoms, self.filler_atoms, len(pool), b.pool_atoms,
                                           b.pool_max_samples):
@@ -607,7 +607,8 @@ def budget_of(cfg: DataConfig) -> Budget:
 
 
 class TrainStream:
-    """The composed stages of one slot; iterate for PyG batches (``collated=False``: lists of Items)."""
+    """The composed stages of one slot: iterate for PyG batches; ``next_compact`` for the worker form,
+    ``next_items`` for the packed samples without collation."""
 
     def __init__(self, sources, buffers, mixer, packer, collator, counters):
         self.sources, self.buffers, self.mixer, self.packer = sources, buffers, mixer, packer
