@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.collate import collate
@@ -152,6 +153,32 @@ def _identity(x):
     return x
 
 
+def pack_tensors(c: dict) -> tuple:
+    """All tensors of a dict in one uint8 buffer (one shared-memory segment to hand from a worker to the
+    main process instead of one per tensor), plus the layout; other values travel as they are."""
+    tensors = [(k, v) for k, v in c.items() if isinstance(v, torch.Tensor)]
+    layout, off = [], 0
+    for k, v in tensors:
+        n = v.numel() * v.element_size()
+        layout.append((k, v.dtype, tuple(v.shape), off, n))
+        off += (n + 7) // 8 * 8  # keep every view 8-byte aligned
+    buf = torch.empty(off, dtype=torch.uint8)
+    for (_, v), (_, _, _, o, n) in zip(tensors, layout, strict=True):
+        if n:
+            buf[o : o + n] = v.contiguous().reshape(-1).view(torch.uint8)
+    rest = {k: v for k, v in c.items() if not isinstance(v, torch.Tensor)}
+    return buf, layout, rest
+
+
+def unpack_tensors(packed: tuple) -> dict:
+    """The dict of :func:`pack_tensors`, its tensors as views of the one buffer."""
+    buf, layout, rest = packed
+    out = dict(rest)
+    for k, dtype, shape, o, n in layout:
+        out[k] = buf[o : o + n].view(dtype).reshape(shape)
+    return out
+
+
 def _plain(x):
     """State to plain Python (lists, ints) so checkpoints load with ``torch.load(weights_only=True)``."""
     if isinstance(x, dict):
@@ -190,7 +217,7 @@ class _TrainWorkerDataset(IterableDataset):
             if self.states[w] is not None:
                 stream.load_state_dict(self.states[w])
             for _ in range(count):
-                yield stream.next_compact(), w, stream.state_dict()
+                yield pack_tensors(stream.next_compact()), w, stream.state_dict()
         finally:
             stream.close()
 
@@ -240,8 +267,8 @@ class TrainLoader:
     def __iter__(self):
         if self.done >= self.batches_per_epoch:
             self.epoch, self.done = self.epoch + 1, 0
-        for compact, w, state in self._loader():
-            batch = finish(compact)  # in the main process: fewer bytes cross from the worker
+        for packed, w, state in self._loader():
+            batch = finish(unpack_tensors(packed))  # in the main process: fewer bytes cross from the worker
             self.states[w] = state
             self.done += 1
             self.seq += 1
