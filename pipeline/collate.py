@@ -196,7 +196,7 @@ def collate_compact(
     sr, kept = _split_pairs(pairs, held)
     kept_bond = _bond_flags(kept, bonds, n)
 
-    n_mask = max(1, int(round(opt.mask_fraction * n))) if n else 0
+    n_mask = max(1, int(round(opt.mask_fraction * n))) if n and opt.mask_fraction > 0 else 0
     mlm_mask = np.zeros(n, bool)
     if n_mask:
         mlm_mask[rng.choice(n, size=n_mask, replace=False)] = True

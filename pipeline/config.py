@@ -1,16 +1,13 @@
 """Options of the streaming loader: one frozen dataclass, nested by the training config tree.
 
-Every field has a one-line docstring with its unit. :meth:`DataConfig.from_dict` is a small strict
-loader (unknown keys fail with a did-you-mean) used by the dry-run CLI; the training config loader may
-build the same dataclasses its own way.
+Every field has a one-line docstring with its unit. YAML is turned into it by the one strict loader,
+``pipeline.strict_config.build`` (unknown keys fail with a did-you-mean).
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import MISSING, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 MIX_MODES = ("samples", "atoms", "temperature")
 OVERSIZE_POLICIES = ("raise", "skip", "crop")
@@ -136,36 +133,3 @@ class DataConfig:
                 raise ValueError(f"data.domains[{d.name}].weight={d.weight!r}: must be a finite number >= 0")
         if self.domains and not any(d.weight > 0 for d in self.domains):
             raise ValueError("data.domains: every weight is 0; give at least one domain a positive weight")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "data") -> DataConfig:
-        """Strict construction from a plain mapping (YAML): unknown keys fail with a did-you-mean."""
-        _check_keys(cls, d, where)
-        kw = dict(d)
-        if "domains" in kw:
-            doms = kw["domains"]
-            if isinstance(doms, dict):  # {name: weight} or {name: {weight:, root:}}
-                doms = [
-                    {"name": k, **(v if isinstance(v, dict) else {"weight": v})} for k, v in doms.items()
-                ]
-            out = []
-            for i, item in enumerate(doms or []):
-                if not isinstance(item, dict):
-                    raise ValueError(f"{where}.domains[{i}] must be a mapping with name/weight/root, got {item!r}")
-                _check_keys(DomainConfig, item, f"{where}.domains[{i}]")
-                out.append(DomainConfig(**item))
-            kw["domains"] = tuple(out)
-        return cls(**kw)
-
-
-def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:
-    names = [f.name for f in fields(cls)]
-    for k in d:
-        if k not in names:
-            hint = difflib.get_close_matches(k, names, n=1)
-            extra = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(names)}"
-            raise ValueError(f"unknown key {where}.{k}{extra}")
-    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in d]
-    if missing:
-        raise ValueError(f"{where}: missing required key(s) {missing}")
-

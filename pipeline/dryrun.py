@@ -26,31 +26,12 @@ import yaml
 
 from pipeline import storage
 from pipeline.config import DataConfig
+from pipeline.demo import ensure_demo_shards
 from pipeline.loader import TrainLoader, eval_loader, resolve
 from pipeline.stream import COUNTERS
+from pipeline.strict_config import build
 
 log = logging.getLogger("pipeline.dryrun")
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO_RAW = REPO / "data" / "demo" / "raw"
-DEMO_SHARDS = REPO / "data" / "demo" / "shards"
-
-
-def ensure_demo_shards(root: str, demo_raw: Path = DEMO_RAW, demo_shards: Path = DEMO_SHARDS) -> None:
-    """The shipped configs point at ``data/demo/shards``: convert the vendored raw data there on first use
-    (as ``python -m training.run`` does), so the dry run works from a fresh clone. Other roots are untouched."""
-    if storage.scheme_of(root) != "file":
-        return
-    path = Path(root) if Path(root).is_absolute() else (Path.cwd() / root)
-    if path.resolve() != demo_shards.resolve() or (path / "manifest.json").exists():
-        return
-    from shards_tools.convert import main as convert  # offline tool, imported only for this one-time step
-
-    log.warning("demo shards missing: converting %s -> %s (once)", demo_raw, path)
-    code = convert([str(demo_raw), str(path), "--no-progress", "-q"])
-    if code != 0:
-        raise SystemExit(f"converting the demo data failed with exit code {code}; see {path / 'rejected.jsonl'}")
-
 
 def load_config(path: str) -> DataConfig:
     """A DataConfig from a YAML file: its ``data:`` section if present, else the whole mapping."""
@@ -59,7 +40,7 @@ def load_config(path: str) -> DataConfig:
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(doc).__name__}")
     section = doc.get("data", doc) if "data" in doc else doc
-    return DataConfig.from_dict(section, where=f"{path}:data" if "data" in doc else path)
+    return build(DataConfig, section or {}, "data")
 
 
 def _is_config(target: str) -> bool:

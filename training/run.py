@@ -17,10 +17,10 @@ from lightning.pytorch.loggers import CSVLogger
 
 from model.lightning_module import PretrainingModule
 from pipeline.datamodule import ShardDataModule
+from pipeline.demo import ensure_demo_shards
 from pipeline.strict_config import ConfigError
 from training.callbacks import BatchStatistics, LossPlot
 from training.config import Config, dump_config, load_config
-from training.demo_data import ensure_demo_shards
 
 log = logging.getLogger("training.run")
 
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     L.seed_everything(cfg.trainer.seed, workers=True)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    ensure_demo_shards(cfg.data)
+    for root in {cfg.data.root, *(d.root for d in cfg.data.domains if d.root)}:
+        ensure_demo_shards(root)
 
     data = ShardDataModule(cfg.data)
     data.setup()

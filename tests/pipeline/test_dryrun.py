@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pipeline.dryrun import ensure_demo_shards, main
+from pipeline.demo import ensure_demo_shards
+from pipeline.dryrun import main
 from pipeline.loader import resolve
 from tests.pipeline.helpers import config
 

@@ -12,6 +12,7 @@ from pipeline.index import load_domain_index
 from pipeline.loader import TrainLoader, eval_loader, resolve
 from pipeline.schema import SchemaError
 from pipeline.stream import OversizeError, train_stream
+from pipeline.strict_config import build
 from tests.pipeline.helpers import config
 
 
@@ -195,13 +196,14 @@ def test_eval_is_exact_and_ranks_step_equally(small_shards, world):
 
 
 def test_config_errors_name_the_field_and_fix(small_shards):
-    with pytest.raises(ValueError, match="did you mean 'max_atoms'"):
-        DataConfig.from_dict({"max_atom": 10})
+    with pytest.raises(ValueError, match="did you mean 'data.max_atoms'"):
+        build(DataConfig, {"max_atom": 10}, "data")
     with pytest.raises(ValueError, match="oversize_policy"):
         DataConfig(oversize_policy="drop")
     with pytest.raises(ValueError, match=r"'peptide' is not in the shards root.*data.domains"):
         resolve(config(small_shards, weights={"peptide": 1.0}))
     with pytest.raises(ValueError, match="re-convert with --radius"):
         resolve(config(small_shards, radius_A=8.0))
-    cfg = DataConfig.from_dict({"root": "x", "domains": {"protein": 0.7, "rna": {"weight": 0.3, "root": "y"}}})
+    cfg = build(DataConfig, {"root": "x", "domains": [{"name": "protein", "weight": 0.7},
+                                                      {"name": "rna", "weight": 0.3, "root": "y"}]}, "data")
     assert cfg.domains[1].root == "y" and cfg.domains[0].weight == 0.7
