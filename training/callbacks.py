@@ -104,7 +104,15 @@ def plot_losses(metrics_csv: Path, out_png: Path) -> None:
                     series[key][1].append(float(v))
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, (x, y) in series.items():
-        ax.plot(x, y, label=key, marker="o" if key.startswith("val") else None, markersize=3)
+        if key.startswith("val"):
+            ax.plot(x, y, label=key, marker="o", markersize=4)
+            continue
+        ax.plot(x, y, label=f"{key} (per step)", alpha=0.3)
+        ema, smooth = y[0], []
+        for v in y:  # exponential moving average: batch-to-batch noise is large with mixed domains
+            ema = 0.9 * ema + 0.1 * v
+            smooth.append(ema)
+        ax.plot(x, smooth, label=f"{key} (EMA 0.9)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("pretraining loss")

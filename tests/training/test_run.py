@@ -117,3 +117,20 @@ def test_embeddings_export_one_row_per_molecule(demo_shards, tmp_path):
     assert t.num_rows == 736 == len(set(keys))
     emb = torch.tensor(t.column("embedding").to_pylist())
     assert emb.shape == (736, 32) and torch.isfinite(emb).all()
+
+
+def test_wandb_offline_and_tensorboard_loggers_work_without_network(demo_shards, tmp_path):
+    run_dir = tmp_path / "loggers"
+    env = _env()
+    for k in list(env):
+        if k.startswith("WANDB_"):
+            env.pop(k)
+    env["WANDB_DIR"] = str(tmp_path / "wandb-home")  # keep wandb's own files inside the test folder
+    r = subprocess.run(_cmd(demo_shards, run_dir, "trainer.max_steps=3", "trainer.val_check_interval=3",
+                            "trainer.log_every_n_steps=1", "logging.wandb=true", "logging.tensorboard=true",
+                            "logging.wandb_run_name=unit-test", "logging.wandb_project=molstream-tests"),
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no offline wandb run was written"
+    assert list((run_dir / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert "train/loss" in (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
