@@ -41,18 +41,9 @@ log = logging.getLogger("gpu_check")
 
 
 def read_demo(rel: str, domain: str, limit: int):
-    from shards_tools.readers import format_of, read_file
-    from shards_tools.spool import ConvertOptions, to_sample
-    from shards_tools.structure import Structure
+    from shards_tools.spool import read_samples
 
-    path = DEMO / rel
-    out = []
-    for rec in read_file(path):
-        if isinstance(rec, Structure):
-            out.append(to_sample(rec, rel, domain, format_of(path), ConvertOptions()))
-        if len(out) >= limit:
-            break
-    return out
+    return read_samples(DEMO / rel, rel, domain, limit=limit)
 
 
 def edge_case_samples():

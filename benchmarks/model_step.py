@@ -37,22 +37,13 @@ log = logging.getLogger("model_step")
 
 def demo_batch(n_proteins: int, n_small: int, n_metabolites: int, seed: int = 0):
     from pipeline.collate import CollateOptions, collate
-    from shards_tools.readers import format_of, read_file
-    from shards_tools.spool import ConvertOptions, to_sample
-    from shards_tools.structure import Structure
+    from shards_tools.spool import read_samples
 
     if n_proteins > len(PROTEINS):
         raise SystemExit(f"--proteins {n_proteins}: at most {len(PROTEINS)} demo proteins are listed")
 
     def read(rel: str, domain: str, limit: int):
-        path = DEMO / rel
-        out = []
-        for rec in read_file(path):
-            if isinstance(rec, Structure):
-                out.append(to_sample(rec, rel, domain, format_of(path), ConvertOptions()))
-            if len(out) >= limit:
-                break
-        return out
+        return read_samples(DEMO / rel, rel, domain, limit=limit)
 
     samples = [s for p in PROTEINS[:n_proteins] for s in read(f"protein/{p}", "protein", 1)]
     samples += read("small_molecule/qm9_sample.xyz", "small_molecule", n_small)

@@ -145,3 +145,18 @@ def spool_file(path: Path, rel: str, workdir: Path, opt: ConvertOptions) -> Spoo
     os.replace(tmp_bin, bin_path)
     _atomic_write(meta_path, json.dumps({"fingerprint": fp, "entries": entries, "rejected": rejected}).encode())
     return SpoolResult(rel, str(bin_path), entries, rejected)
+
+
+def read_samples(path: Path, rel: str, domain: str, opt: ConvertOptions | None = None,
+                 limit: int | None = None) -> list[Sample]:
+    """The valid structures of one file as finished samples (what the converter would store), without
+    writing anything: for benchmarks and tests that need real samples directly. Rejections are skipped."""
+    opt = opt or ConvertOptions()
+    fmt = format_of(path) or ""
+    out: list[Sample] = []
+    for rec in read_file(path, trust_pickle=opt.trust_pickle):
+        if isinstance(rec, Structure) and validate(rec, opt.max_atoms) is None:
+            out.append(to_sample(rec, rel, domain, fmt, opt))
+            if limit is not None and len(out) >= limit:
+                break
+    return out

@@ -11,9 +11,7 @@ from scipy.spatial import cKDTree
 
 from pipeline.collate import CollateOptions, collate
 from pipeline.schema import Sample
-from shards_tools.readers import format_of, read_file
-from shards_tools.spool import ConvertOptions, to_sample
-from shards_tools.structure import Structure
+from shards_tools.spool import ConvertOptions, read_samples
 
 DEMO_RAW = Path(__file__).resolve().parents[2] / "data" / "demo" / "raw"
 
@@ -60,12 +58,7 @@ def single_atom_sample(key: str = "one") -> Sample:
 @cache
 def _demo_file(rel: str, domain: str, limit: int) -> tuple[Sample, ...]:
     path = DEMO_RAW / rel
-    out = []
-    for rec in read_file(path):
-        if isinstance(rec, Structure):
-            out.append(to_sample(rec, rel, domain, format_of(path), ConvertOptions(radius_A=RADIUS, max_neighbors=MAX_NEIGHBORS)))
-        if len(out) >= limit:
-            break
+    out = read_samples(path, rel, domain, ConvertOptions(radius_A=RADIUS, max_neighbors=MAX_NEIGHBORS), limit)
     if not out:
         raise RuntimeError(f"no structure read from {path}")
     return tuple(out)
