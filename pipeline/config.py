@@ -7,7 +7,9 @@ Every field has a one-line docstring with its unit. YAML is turned into it by th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pipeline.storage import StorageOptions
 
 MIX_MODES = ("samples", "atoms", "temperature")
 OVERSIZE_POLICIES = ("raise", "skip", "crop")
@@ -86,10 +88,15 @@ class DataConfig:
     """Random same-molecule pairs per atom for long-range distance prediction, pairs/atom."""
     pad_eval_batches: bool = True
     """Val/test: pad ranks that have fewer planned batches with empty batches (num_graphs == 0) so all ranks step equally."""
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    """Remote reads (endpoint_url, timeouts, retries, cache_dir, ...; pipeline.storage.StorageOptions), used by the main
+    process and every DataLoader worker; credentials never go here (environment / AWS chain only)."""
 
     def __post_init__(self) -> None:
         doms = tuple(d if isinstance(d, DomainConfig) else DomainConfig(**d) for d in self.domains)
         object.__setattr__(self, "domains", doms)
+        if isinstance(self.storage, dict):
+            object.__setattr__(self, "storage", StorageOptions(**self.storage))
         self.validate()
 
     def validate(self) -> None:

@@ -94,5 +94,9 @@ class ShardDataModule(L.LightningDataModule):
             self._pending = st
 
     def stats(self) -> dict:
-        """Cumulative per-domain counters of this rank: samples, atoms, bad, oversize_skipped/cropped, batches, pass."""
-        return self._train.stats() if self._train is not None else {}
+        """Cumulative per-domain counters of this rank (samples, atoms, bad, oversize_skipped/cropped, batches, pass),
+        plus ``"storage"``: the storage counters (requests, retries, resumes, bytes_fetched, errors, cache hits, ...)
+        of the training reads of this rank, summed over its workers."""
+        if self._train is None:
+            return {}
+        return {**self._train.stats(), "storage": self._train.storage_stats()}

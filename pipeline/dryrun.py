@@ -48,7 +48,7 @@ def _is_config(target: str) -> bool:
 
 
 def summarise(batches, names: list[str], max_atoms: int | None, elapsed_s: float, first_s: float,
-              counters: dict | None) -> dict:
+              counters: dict | None, storage_counts: dict | None = None) -> dict:
     atoms = np.array([b.num_nodes for b in batches], np.int64)
     edges = np.array([b.edge_index.shape[1] for b in batches], np.int64)
     graphs = np.array([b.num_graphs for b in batches], np.int64)
@@ -82,6 +82,8 @@ def summarise(batches, names: list[str], max_atoms: int | None, elapsed_s: float
     }
     if counters is not None:
         out["counts"] = counters
+    if storage_counts is not None:
+        out["storage"] = storage_counts
     return out
 
 
@@ -98,6 +100,10 @@ def _print_human(s: dict) -> None:
         b = s[what]
         if b:
             lines.append(f"{what.replace('_', ' ')}: batch {b['batch']} with {b['atoms']} atoms, {b['edges']} edges, {b['graphs']} graphs")
+    st = s.get("storage") or {}
+    if st.get("requests"):
+        lines.append(f"storage: {st['requests']} requests, {st['retries']} retries, {st['resumes']} resumes, "
+                     f"{st['bytes_fetched'] / 1e6:.1f} MB fetched, cache {st['cache_hits']} hits / {st['cache_misses']} misses")
     lines.append(f"throughput {s['atoms_per_s']} atoms/s, {s['batches_per_s']} batches/s; first batch after {s['first_batch_s']} s")
     print("\n".join(lines))
 
@@ -128,12 +134,20 @@ def run(cfg: DataConfig, batches: int | None, one_pass: bool, workers: int | Non
         got.append(b)
     elapsed = time.perf_counter() - t0
     if one_pass:
-        counters = {n: {("oversize_cropped" if cfg.oversize_policy == "crop" else "oversize_skipped"): v}
-                    for n, v in n_over.items()}
+        bad = np.zeros(len(res.names), np.int64)
+        for b in got:
+            bad += b.stats.get("domain_bad", 0)
+        counters = {n: {("oversize_cropped" if cfg.oversize_policy == "crop" else "oversize_skipped"): v,
+                        "bad": int(bad[d])} for d, (n, v) in enumerate(n_over.items())}
+        io = dict.fromkeys(storage.StorageStats.FIELDS, 0)
+        for b in got:
+            for k, v in b.stats.get("storage", {}).items():
+                io[k] = io.get(k, 0) + v
     else:
         counters = {n: {k: v for k, v in c.items() if k in (*COUNTERS, "pass")} for n, c in loader.stats().items()}
+        io = loader.storage_stats()
     return summarise(got, res.names, None if cfg.batch_size is not None else cfg.max_atoms, elapsed, first or 0.0,
-                     counters)
+                     counters, io)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     for d in cfg.domains:
         if d.root:
             ensure_demo_shards(d.root)
-    summary = run(cfg, args.batches, one_pass, args.workers)
+    try:
+        summary = run(cfg, args.batches, one_pass, args.workers)
+    except (storage.StorageError, FileNotFoundError) as e:  # already names the URL and the fix
+        sys.stderr.write(f"error: {e}\n")
+        return 1
     if args.json:
         print(json.dumps(summary))
     else:

@@ -38,6 +38,8 @@ class DomainIndex:
     crc32: np.ndarray | None  # int64 [n], zlib.crc32 of each member (None: an index written before it existed)
     radius_A: float
     max_neighbors: int
+    shard_sha256: list[str | None] | None = None  # per shard_urls entry, from the manifest (None: not listed)
+    options: storage.StorageOptions | None = None  # how this root is read (data.storage); None: process default
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -47,15 +49,16 @@ class DomainIndex:
         return int(self.num_atoms.sum())
 
 
-def read_manifest(root: str) -> dict:
+def read_manifest(root: str, options: storage.StorageOptions | None = None) -> dict:
     url = storage.join(root, MANIFEST_NAME)
     try:
-        raw = storage.read_bytes(url)
-    except storage.StorageError as e:
+        raw = storage.read_bytes(url, options=options)
+    except storage.StorageNotFoundError as e:
         raise FileNotFoundError(
-            f"no {MANIFEST_NAME} under shards root {root!r} ({e}); point data.root at a folder written by "
-            "`python -m shards_tools.convert RAW OUT`"
+            f"no {MANIFEST_NAME} under shards root {storage.redact_url(root)!r} ({e}); point data.root at a folder "
+            "written by `python -m shards_tools.convert RAW OUT`"
         ) from None
+    # any other StorageError (credentials, unreachable endpoint, timeouts) already names the URL and the fix
     try:
         manifest = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -64,9 +67,13 @@ def read_manifest(root: str) -> dict:
     return manifest
 
 
-def load_domain_index(root: str, domain: str, split: str, manifest: dict | None = None) -> DomainIndex:
-    """Load the index rows of ``domain`` and ``split`` under ``root``; empty arrays if the split has no samples."""
-    manifest = manifest if manifest is not None else read_manifest(root)
+def load_domain_index(root: str, domain: str, split: str, manifest: dict | None = None,
+                      options: storage.StorageOptions | None = None) -> DomainIndex:
+    """Load the index rows of ``domain`` and ``split`` under ``root``; empty arrays if the split has no samples.
+
+    ``options`` (``data.storage``) is used for these reads and kept in the index for reading its shards.
+    """
+    manifest = manifest if manifest is not None else read_manifest(root, options)
     index_paths = manifest.get("index", {})
     if domain not in index_paths:
         raise ValueError(
@@ -74,7 +81,7 @@ def load_domain_index(root: str, domain: str, split: str, manifest: dict | None 
             "Fix data.domains (or the domain's root)"
         )
     rel = index_paths.get(domain) or f"{INDEX_DIR}/{domain}.parquet"
-    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, rel))))
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, rel), options=options)))
     table = table.filter(pa.compute.equal(table["split"], split))
     shard_enc = table["shard"].combine_chunks().dictionary_encode()
     shard_names = [str(s) for s in shard_enc.dictionary.to_pylist()]
@@ -82,6 +89,7 @@ def load_domain_index(root: str, domain: str, split: str, manifest: dict | None 
     offset = table["offset"].to_numpy().astype(np.int64)
     order = np.lexsort((offset, codes))
     opts = manifest.get("options", {})
+    sha = {sh.get("path"): sh.get("sha256") for sh in manifest.get("shards", []) if isinstance(sh, dict)}
     return DomainIndex(
         name=domain,
         split=split,
@@ -96,4 +104,6 @@ def load_domain_index(root: str, domain: str, split: str, manifest: dict | None 
         crc32=table["crc32"].to_numpy().astype(np.int64)[order] if "crc32" in table.column_names else None,
         radius_A=float(opts.get("radius_A") or 0.0),
         max_neighbors=int(opts.get("max_neighbors") or 0),
+        shard_sha256=[sha.get(s) for s in shard_names],
+        options=options,
     )

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import storage
 from pipeline.collate import collate
 from pipeline.config import DataConfig
 from pipeline.index import DomainIndex, load_domain_index, read_manifest
@@ -92,7 +93,7 @@ def resolve(cfg: DataConfig) -> Resolved:
 
     def manifest(root: str) -> dict:
         if root not in manifests:
-            manifests[root] = read_manifest(root)
+            manifests[root] = read_manifest(root, cfg.storage)
         return manifests[root]
 
     if cfg.domains:
@@ -105,7 +106,7 @@ def resolve(cfg: DataConfig) -> Resolved:
             raise ValueError(f"the manifest under {cfg.root!r} lists no domains; re-run the converter")
     names = [n for n, _, _ in specs]
     splits = {
-        s: [load_domain_index(root, n, s, manifest(root)) for n, _, root in specs] for s in ("train", "val", "test")
+        s: [load_domain_index(root, n, s, manifest(root), cfg.storage) for n, _, root in specs] for s in ("train", "val", "test")
     }
     for ix in splits["train"] + splits["val"] + splits["test"]:
         if len(ix) and (cfg.radius_A > ix.radius_A + 1e-6 or cfg.max_neighbors > ix.max_neighbors):
@@ -147,6 +148,13 @@ def train_batches_per_epoch(res: Resolved, world_size: int) -> int:
         return max(1, math.ceil(total / (cfg.batch_size * world_size)))
     total = sum(int(_effective_atoms(ix, cfg).sum()) for ix, p in zip(res.train, res.sample_probs, strict=True) if p > 0)
     return max(1, math.ceil(total / (cfg.max_atoms * world_size)))
+
+
+def storage_delta(mark: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """(new mark, storage counters of this process since ``mark``): what the stream read for one batch; it travels
+    in ``batch.stats["storage"]`` from a DataLoader worker to the main process, where the loader sums it."""
+    now = storage.stats.snapshot()
+    return now, {k: now[k] - mark.get(k, 0) for k in now}
 
 
 def _identity(x):
@@ -214,10 +222,14 @@ class _TrainWorkerDataset(IterableDataset):
             self.rank * self.n_logical + w, self.world * self.n_logical,
         )
         try:
+            mark = storage.stats.snapshot()
             if self.states[w] is not None:
                 stream.load_state_dict(self.states[w])
             for _ in range(count):
-                yield pack_tensors(stream.next_compact()), w, stream.state_dict()
+                c = stream.next_compact()
+                mark, c["stats"]["storage"] = storage_delta(mark)
+                yield pack_tensors(c), w, stream.state_dict()
+                mark = storage.stats.snapshot()  # not what the consumer did meanwhile (num_workers=0)
         finally:
             stream.close()
 
@@ -242,6 +254,7 @@ class TrainLoader:
         self.states: list = [None] * self.n_logical
         self.seq = 0
         self._history: deque = deque(maxlen=64)
+        self._storage = dict.fromkeys(storage.StorageStats.FIELDS, 0)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -269,6 +282,8 @@ class TrainLoader:
             self.epoch, self.done = self.epoch + 1, 0
         for packed, w, state in self._loader():
             batch = finish(unpack_tensors(packed))  # in the main process: fewer bytes cross from the worker
+            for k, v in batch.stats.get("storage", {}).items():
+                self._storage[k] = self._storage.get(k, 0) + v
             self.states[w] = state
             self.done += 1
             self.seq += 1
@@ -315,6 +330,12 @@ class TrainLoader:
         self.seq, self.epoch, self.done = int(st["seq"]), int(st["epoch"]), int(st["done"])
         self.states = list(st["workers"])
         self._history.clear()
+
+    def storage_stats(self) -> dict[str, int]:
+        """Storage counters (requests, retries, resumes, bytes_fetched, errors, cache hits, ...; see
+        :class:`pipeline.storage.StorageStats`) of the reads behind the batches this loader yielded, summed over its
+        workers: this rank since the loader was created (not restored on resume)."""
+        return dict(self._storage)
 
     def stats(self) -> dict:
         """Cumulative per-domain counters of this rank (see :data:`pipeline.stream.COUNTERS`) and passes."""
@@ -388,6 +409,7 @@ class EvalDataset(IterableDataset):
         cfg, ixs = self.res.cfg, self.res.split(self.split)
         opt = collate_options(cfg)
         sources: dict[int, DomainSource] = {}
+        mark = storage.stats.snapshot()
         try:
             for number, b in self.batches[wid::nw]:
                 if b is None:
@@ -395,12 +417,14 @@ class EvalDataset(IterableDataset):
                     continue
                 doms, ids = b
                 samples, dlist = [], []
+                bad = [0] * len(ixs)  # bad or unreadable samples of this batch (bad_sample_policy='skip')
                 for d in np.unique(doms).tolist():
                     if d not in sources:
                         sources[d] = _eval_source(ixs[d], d, cfg)
                     sel = ids[doms == d]
                     for it in sources[d].fetch([(0, int(i)) for i in sel]):
                         if it is None:
+                            bad[d] += 1
                             continue
                         s = it.sample
                         if cfg.batch_size is None and s.num_atoms > cfg.max_atoms:
@@ -413,7 +437,10 @@ class EvalDataset(IterableDataset):
                     np.asarray(dlist, np.int64), np.array([s.num_atoms for s in samples], np.int64), len(ixs),
                     None if cfg.batch_size is not None else cfg.max_atoms, int(batch.edge_index.shape[1]),
                 )
+                batch.stats["domain_bad"] = bad
+                mark, batch.stats["storage"] = storage_delta(mark)
                 yield batch
+                mark = storage.stats.snapshot()
         finally:
             for s in sources.values():
                 s.fetcher.close()

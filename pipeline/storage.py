@@ -92,6 +92,13 @@ class StorageOptions:
         for name in ("max_total_retries", "backoff_s", "backoff_max_s", "readahead_chunks", "cache_lock_wait_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"storage.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.endpoint_url is not None:
+            ep = urlparse(self.endpoint_url)
+            if ep.username or ep.password or ep.query:
+                raise ValueError(
+                    "storage.endpoint_url must not carry credentials or a query string; credentials come only from "
+                    "the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the standard AWS chain"
+                )
         if self.addressing_style not in ("auto", "path", "virtual"):
             raise ValueError(
                 f"storage.addressing_style must be 'auto', 'path' or 'virtual', got {self.addressing_style!r}"

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -86,58 +86,101 @@ class BlockRandom:
         self._pos = int(st["pos"])
 
 
+class ShardTruncatedError(storage.StorageError):
+    """A shard ends before the members its index lists (a truncated upload or copy)."""
+
+
+SHARD_FAULTS = (storage.StorageNotFoundError, storage.ChecksumMismatchError, ShardTruncatedError)
+"""Faults of a shard's data (missing, truncated, sha256 mismatch), handled by ``data.bad_sample_policy``; any other
+:class:`~pipeline.storage.StorageError` (credentials, endpoint, network after the retries) always raises."""
+
+_warned_shards: set[str] = set()  # one warning per unreadable shard per process
+
+
 class ShardFetcher:
     """Reads members by sample id through :mod:`pipeline.storage`: runs of consecutive members with one read
-    (local: one open file, seek + read; remote: ``storage.read_range``, a single Range request)."""
+    (local or cached: an open file, seek + read; remote: ``storage.read_range``, a single Range request).
 
-    def __init__(self, index: DomainIndex) -> None:
-        self.index = index
-        self._shard = -1
-        self._f: BinaryIO | None = None
-        self._pos = 0
+    A shard that is missing, truncated or fails its sha256 (:data:`SHARD_FAULTS`) raises a
+    :class:`~pipeline.storage.StorageError` naming the URL under ``bad_policy='raise'``; under ``'skip'`` its
+    unreadable members come back as None (the caller counts them as bad) after one warning naming the shard.
+    Reads use ``index.options`` (``data.storage``), else the process default of :func:`pipeline.storage.configure`.
+    """
+
+    MAX_OPEN = 8
+    """Local or cached shards kept open at once (a cache hit re-hashes the whole shard on open)."""
+
+    def __init__(self, index: DomainIndex, bad_policy: str = "raise") -> None:
+        self.index, self.bad_policy = index, bad_policy
+        self.opts = index.options or storage.get_options()
+        self._files: OrderedDict[int, BinaryIO] = OrderedDict()
+        self._readable: dict[int, int] = {}  # shard -> bytes known to exist (0: missing), once a fault was seen
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-        self._f, self._shard = None, -1
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
-    def _seek(self, shard: int, offset: int) -> BinaryIO:
-        if self._f is None or shard != self._shard or (offset < self._pos and not self._f.seekable()):
-            self.close()
-            self._f = storage.open_stream(self.index.shard_urls[shard])
-            self._shard, self._pos = shard, 0
-        if offset != self._pos:
-            if self._f.seekable():
-                self._f.seek(offset)
-            else:  # a forward-only stream: skip
-                left = offset - self._pos
-                while left > 0:
-                    got = self._f.read(min(left, 1 << 20))
-                    if not got:
-                        break
-                    left -= len(got)
-            self._pos = offset
-        return self._f
+    def _file(self, shard: int) -> BinaryIO:
+        f = self._files.pop(shard, None)
+        if f is None:
+            sha = self.index.shard_sha256[shard] if self.index.shard_sha256 and self.opts.cache_dir else None
+            f = storage.open_stream(self.index.shard_urls[shard], sha256=sha, options=self.opts)
+            while len(self._files) >= self.MAX_OPEN:
+                self._files.popitem(last=False)[1].close()
+        self._files[shard] = f  # most recently used last
+        return f
 
-    def read_run(self, ids: np.ndarray) -> list[bytes]:
-        """Bytes of a run of ids that are consecutive members of one shard, with one read call."""
+    def _read(self, shard: int, start: int, size: int) -> bytes:
+        url = self.index.shard_urls[shard]
+        if storage.scheme_of(url) == "file" or self.opts.cache_dir:
+            f = self._file(shard)
+            f.seek(start)
+            return f.read(size)
+        return storage.read_range(url, start, size, options=self.opts)  # one bounded Range request per run
+
+    def _fault(self, shard: int, err: storage.StorageError, n_members: int) -> None:
+        """Raise (policy 'raise') or warn once per shard (policy 'skip') about a shard's unreadable members."""
+        url = storage.redact_url(self.index.shard_urls[shard])
+        what = (f"shard {url} of domain {self.index.name!r} is listed in the index of "
+                f"{storage.redact_url(self.index.root)!r} but cannot be read: {err}")
+        if self.bad_policy == "raise":
+            raise type(err)(
+                f"{what}; re-upload the shard or re-run the converter, or set data.bad_sample_policy='skip' to count "
+                "its unreadable samples as bad and go on"
+            ) from None
+        if url not in _warned_shards:
+            _warned_shards.add(url)
+            log.warning("skipping the unreadable samples of a shard (counted as bad): %s", what)
+        log.debug("shard %s: %d unreadable members skipped in this read", url, n_members)
+
+    def read_run(self, ids: np.ndarray) -> list[bytes | None]:
+        """Bytes of a run of ids that are consecutive members of one shard, with one read call; None for members
+        that could not be read (missing or truncated shard under ``bad_policy='skip'``)."""
         ix = self.index
         first, last = int(ids[0]), int(ids[-1])
+        shard = int(ix.shard[first])
         start, end = int(ix.offset[first]), int(ix.offset[last] + ix.size[last])
-        url = ix.shard_urls[int(ix.shard[first])]
-        if storage.scheme_of(url) == "file":  # keep the local file open between runs
-            f = self._seek(int(ix.shard[first]), start)
-            data = f.read(end - start)
-            self._pos = start + len(data)
-        else:  # one bounded Range request per run
-            data = storage.read_range(url, start, end - start)
-        if len(data) != end - start:
-            raise storage.StorageError(
-                f"{ix.shard_urls[int(ix.shard[first])]}: wanted bytes {start}..{end}, got {len(data)}; "
-                "the shard is truncated or does not match its index (re-run the converter)"
-            )
+        known = self._readable.get(shard)
+        data = b""
+        if known is None or start < known:  # else: past the known end of a faulty shard, already reported
+            try:
+                data = self._read(shard, start, end - start)
+            except SHARD_FAULTS as e:
+                self._readable[shard] = 0
+                self._fault(shard, e, len(ids))
+            else:
+                if len(data) != end - start:
+                    self._readable[shard] = start + len(data)
+                    self._fault(shard, ShardTruncatedError(
+                        f"wanted bytes {start}..{end}, got {len(data)}; the shard is truncated or does not match its index"
+                    ), len(ids))
         mv = memoryview(data)
-        return [bytes(mv[o - start : o - start + s]) for o, s in zip(ix.offset[ids].tolist(), ix.size[ids].tolist(), strict=True)]
+        out: list[bytes | None] = []
+        for o, s in zip(ix.offset[ids].tolist(), ix.size[ids].tolist(), strict=True):
+            lo = o - start
+            out.append(bytes(mv[lo : lo + s]) if lo + s <= len(data) else None)
+        return out
 
     def runs(self, ids: np.ndarray) -> list[np.ndarray]:
         """Split sample ids into runs of consecutive members of the same shard."""
@@ -220,7 +263,7 @@ class DomainSource:
         if len(index) == 0:
             raise ValueError(f"domain {index.name!r} has no {index.split} samples; drop it from data.domains")
         self.index, self.d, self.slot, self.n_slots, self.cfg, self.counters = index, d, slot, n_slots, cfg, counters
-        self.fetcher = ShardFetcher(index)
+        self.fetcher = ShardFetcher(index, cfg.bad_sample_policy)
         self._blocks = read_blocks(index.shard, index.size, cfg.read_block_bytes)
         self.pass_ = 0
         self._set_pass(0, 0)
@@ -252,14 +295,16 @@ class DomainSource:
         datas = self.fetcher.read_run(ids)
         ix = self.index
         for k, (i, data) in enumerate(zip(ids.tolist(), datas, strict=True)):
-            s = decode_member(data, ix, i, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
-            self._ready.append((lo + k, Item(self.d, self.pass_, i, s, len(data), 2 * int(ix.num_edges[i]))))
+            s = None if data is None else decode_member(data, ix, i, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
+            nbytes = 0 if data is None else len(data)
+            self._ready.append((lo + k, Item(self.d, self.pass_, i, s, nbytes, 2 * int(ix.num_edges[i]))))
         self._next_read = hi
 
     def __iter__(self) -> Iterator[Item]:
         return self
 
     def __next__(self) -> Item:
+        bad_in_a_row = 0
         while True:
             if not self._ready:
                 self._fill()
@@ -267,6 +312,12 @@ class DomainSource:
             if it.sample is not None:
                 return it
             self.counters[self.d, _C["bad"]] += 1
+            bad_in_a_row += 1
+            if bad_in_a_row > len(self.index):  # more than a whole pass of this slot: would never return
+                raise storage.StorageError(
+                    f"domain {self.index.name!r}: {bad_in_a_row} samples in a row are bad or unreadable, a whole pass; "
+                    f"check the shards under {storage.redact_url(self.index.root)!r} (or drop the domain)"
+                )
 
     def state_dict(self) -> dict:
         cursor = self._ready[0][0] if self._ready else self._next_read
@@ -284,7 +335,8 @@ class DomainSource:
         got: dict[int, Item | None] = {}
         for run in self.fetcher.runs(np.unique(ids[order])):
             for i, data in zip(run.tolist(), self.fetcher.read_run(run), strict=True):
-                s = decode_member(data, self.index, i, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
+                s = None if data is None else decode_member(data, self.index, i, self.cfg.bad_sample_policy,
+                                                            self.cfg.verify_crc32)
                 got[i] = None if s is None else Item(self.d, 0, i, s, len(data), 2 * int(self.index.num_edges[i]))
         out = []
         for p, i in pass_ids:
