@@ -14,7 +14,7 @@ import threading
 
 import urllib3
 
-from pipeline.remote_stream import TransientError
+from pipeline.remote_stream import PastEnd, TransientError
 from pipeline.storage import StorageError, StorageNotFoundError, StorageOptions, redact_url
 
 log = logging.getLogger(__name__)
@@ -74,20 +74,6 @@ class _HttpResponse:
         self._resp.close()
 
 
-class _Empty:
-    """The answer to a range that starts at or past the end of the object (HTTP 416)."""
-
-    size = None
-    etag = None
-    past_end = True
-
-    def read(self, n: int) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
-
-
 def _unwrap(e: BaseException) -> BaseException:
     return e.reason if isinstance(e, urllib3.exceptions.MaxRetryError) and e.reason is not None else e
 
@@ -140,7 +126,7 @@ class HttpSource:
         status = r.status
         if status == 416 and "Range" in headers:
             r.release_conn()
-            return _Empty()
+            return PastEnd()
         if status not in (200, 206):
             r.drain_conn()
             r.release_conn()

@@ -28,6 +28,20 @@ from pipeline.storage import ChecksumMismatchError, StorageError, StorageOptions
 log = logging.getLogger(__name__)
 
 
+class PastEnd:
+    """The answer to a range that starts at or past the end of the object (HTTP 416)."""
+
+    size = None
+    etag = None
+    past_end = True
+
+    def read(self, n: int) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
 class TransientError(Exception):
     """One attempt failed in a way worth retrying (internal: never escapes this package)."""
 

@@ -15,7 +15,7 @@ import os
 import threading
 from urllib.parse import urlparse
 
-from pipeline.remote_stream import TransientError
+from pipeline.remote_stream import PastEnd, TransientError
 from pipeline.storage import StorageError, StorageNotFoundError, StorageOptions
 
 try:
@@ -136,20 +136,6 @@ class _S3Response:
         self._body.close()
 
 
-class _Empty:
-    """The answer to a range that starts at or past the end of the object (HTTP 416)."""
-
-    size = None
-    etag = None
-    past_end = True
-
-    def read(self, n: int) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
-
-
 class S3Source:
     """One S3 object: ranged GETs for :class:`RemoteStream`, HEAD, PUT and multipart upload."""
 
@@ -194,7 +180,7 @@ class S3Source:
             r = client(self._opts).get_object(**kwargs)
         except bex.ClientError as e:
             if "Range" in kwargs and e.response.get("Error", {}).get("Code") == "InvalidRange":
-                return _Empty()  # resumed exactly at the end, or a range past it
+                return PastEnd()  # resumed exactly at the end, or a range past it
             raise self._classify(e, start) from None
         except _RETRYABLE as e:
             raise TransientError(f"{type(e).__name__}: {e}") from e

@@ -63,6 +63,8 @@ class BatchStatistics(L.Callback):
             for k, v in stats.items():
                 if isinstance(v, int | float):
                     metrics[f"data/{k}"] = float(v)
+                elif isinstance(v, dict):  # e.g. storage: requests, retries, bytes_fetched of this batch's reads
+                    metrics.update({f"data/{k}/{kk}": float(vv) for kk, vv in v.items() if isinstance(vv, int | float)})
         pl_module.log("atoms_per_s", metrics.pop("data/atoms_per_s"), prog_bar=True, batch_size=1, rank_zero_only=True)
         pl_module.log_dict(metrics, batch_size=1, rank_zero_only=True)
         self._atoms, self._wait, self._t0 = 0, 0.0, self._t_end
