@@ -18,7 +18,8 @@ class BatchStatistics(L.Callback):
     oversize/bad counts, and the time the step waited for data.
 
     Per-batch figures come from the batch itself (``ptr``, ``domain``, ``num_graphs``) plus
-    ``batch.stats`` when the loader attaches it; every ``every_n_steps`` steps they are logged.
+    ``batch.stats`` when the loader attaches it, and the stream's cumulative per-domain counters
+    (bad, oversize skipped/cropped, pass) from the datamodule; every ``every_n_steps`` steps they are logged.
     """
 
     def __init__(self, domains: list[str], max_atoms: int | None, every_n_steps: int = 10) -> None:
@@ -65,6 +66,12 @@ class BatchStatistics(L.Callback):
                     metrics[f"data/{k}"] = float(v)
                 elif isinstance(v, dict):  # e.g. storage: requests, retries, bytes_fetched of this batch's reads
                     metrics.update({f"data/{k}/{kk}": float(vv) for kk, vv in v.items() if isinstance(vv, int | float)})
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "stats"):  # cumulative per-domain counters of the stream
+            for name, counters in dm.stats().items():
+                if name in self.domains:
+                    for k in ("bad", "oversize_skipped", "oversize_cropped", "pass"):
+                        metrics[f"data/{k}/{name}"] = float(counters.get(k, 0))
         pl_module.log("atoms_per_s", metrics.pop("data/atoms_per_s"), prog_bar=True, batch_size=1, rank_zero_only=True)
         pl_module.log_dict(metrics, batch_size=1, rank_zero_only=True)
         self._atoms, self._wait, self._t0 = 0, 0.0, self._t_end

@@ -97,7 +97,8 @@ def test_ddp_two_cpu_processes_run_to_the_end(demo_shards, tmp_path):
     assert "world_size: 2" in r.stderr or "MEMBER: 2/2" in r.stderr
     metrics = (run_dir / "logs" / "metrics.csv").read_text()
     header = metrics.splitlines()[0]
-    for key in ("train/loss", "val/loss", "test/loss", "val/mlm_acc/small_molecule", "test/mlm_loss/protein"):
+    for key in ("train/loss", "val/loss", "test/loss", "val/mlm_acc/small_molecule", "test/mlm_loss/protein",
+                "atoms_per_s", "data/fill", "data/wait_fraction", "data/atom_share/rna", "data/oversize_cropped/rna"):
         assert key in header, key
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 6
 
