@@ -96,7 +96,10 @@ def discover(raw: Path, out: Path) -> tuple[list[tuple[Path, str]], list[str]]:
         if not path.is_file() or out_resolved in path.resolve().parents:
             continue
         rel = path.relative_to(raw).as_posix()
-        (inputs if format_of(path) else ignored).append((path, rel) if format_of(path) else rel)
+        if format_of(path):
+            inputs.append((path, rel))
+        else:
+            ignored.append(rel)
     return inputs, ignored
 
 
