@@ -175,6 +175,25 @@ def pool_wants_more(total_atoms: int, filler_atoms: int, n: int, target: int, ma
     return n < max_samples and filler_atoms < target and total_atoms < POOL_TOTAL_MULTIPLE * target
 
 
+_BOTH_SIGNS = np.int64(-0x7FFFFFFF80000000)  # bits 31 and 63: the signs of both int32 halves of an int64
+
+
+def _kept_pairs(p: np.ndarray, new_id: np.ndarray, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """Renumbered int32 [k, 2] pairs whose both ends are kept (``new_id`` >= 0), and the keep-mask over ``p``.
+
+    In chunks of pairs: the temporaries stay small (reused memory instead of fresh pages for every crop).
+    """
+    flat = np.asarray(p).reshape(-1)
+    kept, oks = [], []
+    for a in range(0, max(len(flat), 1), 2 * chunk):
+        q = np.take(new_id, flat[a : a + 2 * chunk])  # np.take: much faster than fancy indexing with int32 ids
+        v = q.view(np.int64)  # one (i, j) pair as one 8-byte item: 1-D masks instead of 2-D ones
+        ok = (v & _BOTH_SIGNS) == 0
+        kept.append(v[ok])
+        oks.append(ok)
+    return np.concatenate(kept).view(np.int32).reshape(-1, 2), np.concatenate(oks)
+
+
 def crop_sample(s: Sample, max_atoms: int, rng: np.random.Generator) -> Sample:
     """The ``max_atoms`` atoms nearest to a random atom (a spatially contiguous ball), arrays renumbered.
 
@@ -184,26 +203,23 @@ def crop_sample(s: Sample, max_atoms: int, rng: np.random.Generator) -> Sample:
     if n <= max_atoms:
         return s
     center = s.pos[int(rng.integers(n))]
-    d2 = ((s.pos - center) ** 2).sum(axis=1)
+    d = s.pos - center
+    d *= d
+    d2 = d[:, 0] + d[:, 1]  # the same sums, in the same order, as ((s.pos - center) ** 2).sum(axis=1), 3x faster
+    d2 += d[:, 2]
     keep = np.sort(np.argpartition(d2, max_atoms - 1)[:max_atoms])
-    kmask = np.zeros(n, bool)
-    kmask[keep] = True
-    new_id = np.cumsum(kmask, dtype=np.int32) - 1  # new index of every kept atom
-
-    def pairs(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ok = kmask[p[:, 0]] & kmask[p[:, 1]]
-        return new_id[p[ok]], ok
-
-    bonds, bok = pairs(s.bonds)
-    edges, _ = pairs(s.edges)
+    new_id = np.full(n, -1, np.int32)  # new index of every kept atom, -1 for dropped ones
+    new_id[keep] = np.arange(len(keep), dtype=np.int32)
+    bonds, bok = _kept_pairs(s.bonds, new_id)
+    edges, _ = _kept_pairs(s.edges, new_id)
     return Sample(
         key=s.key,
         domain=s.domain,
         z=s.z[keep],
         pos=s.pos[keep],
-        bonds=bonds.reshape(-1, 2),
+        bonds=bonds,
         bond_order=s.bond_order[bok] if len(s.bond_order) == len(s.bonds) else s.bond_order[:0],
-        edges=edges.reshape(-1, 2),
+        edges=edges,
         source=s.source,
         record=s.record,
         mol_id=s.mol_id,
