@@ -29,7 +29,8 @@ QM9_CSV = REPO / "data" / "demo" / "raw" / "small_molecule" / "qm9_properties.cs
 
 def train_demo(run_dir: Path, overrides: list[str]) -> Path:
     subprocess.run([sys.executable, "-m", "training.run", str(REPO / "configs" / "demo.yaml"),
-                    f"trainer.run_dir={run_dir}", "trainer.progress_bar=false", *overrides], cwd=REPO, check=True)
+                    f"trainer.run_dir={run_dir}", "trainer.progress_bar=false", *overrides], cwd=REPO, check=True,
+                   stdout=sys.stderr)  # keep stdout for the one JSON line
     return run_dir / "checkpoints" / "last.ckpt"
 
 
