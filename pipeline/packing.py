@@ -9,6 +9,8 @@ rest sorted by size, largest first — so small molecules fill the gaps. The gre
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from pipeline.schema import Sample
@@ -212,21 +214,14 @@ def crop_sample(s: Sample, max_atoms: int, rng: np.random.Generator) -> Sample:
     new_id[keep] = np.arange(len(keep), dtype=np.int32)
     bonds, bok = _kept_pairs(s.bonds, new_id)
     edges, _ = _kept_pairs(s.edges, new_id)
-    return Sample(
-        key=s.key,
-        domain=s.domain,
+    return dataclasses.replace(
+        s,
         z=s.z[keep],
         pos=s.pos[keep],
         bonds=bonds,
         bond_order=s.bond_order[bok] if len(s.bond_order) == len(s.bonds) else s.bond_order[:0],
         edges=edges,
-        source=s.source,
-        record=s.record,
-        mol_id=s.mol_id,
-        radius_A=s.radius_A,
-        max_neighbors=s.max_neighbors,
         res_index=None if s.res_index is None else s.res_index[keep],
         chain=None if s.chain is None else s.chain[keep],
-        chains=s.chains,
         atom_name=None if s.atom_name is None else s.atom_name[keep],
     )

@@ -84,19 +84,13 @@ def realised_shares(cfg, n_batches):
 TARGET = {"protein": 0.4, "rna": 0.1, "small_molecule": 0.25, "metabolite": 0.25}
 
 
-def test_atom_shares_within_two_percent_over_1000_batches(demo_shards):
-    cfg = config(demo_shards, weights=TARGET, mix_by="atoms", oversize_policy="crop")
-    names, by_atoms, _, fills = realised_shares(cfg, 1000)
-    for name, share in zip(names, by_atoms, strict=True):
-        assert abs(share - TARGET[name]) <= 0.02, (name, share)
-    assert fills.mean() >= 0.97
-
-
-def test_sample_shares_within_two_percent_over_1000_batches(demo_shards):
-    cfg = config(demo_shards, weights=TARGET, mix_by="samples", oversize_policy="crop")
-    names, _, by_samples, fills = realised_shares(cfg, 1000)
-    for name, share in zip(names, by_samples, strict=True):
-        assert abs(share - TARGET[name]) <= 0.02, (name, share)
+@pytest.mark.parametrize("mix_by", ["atoms", "samples"])
+def test_shares_within_two_percent_over_1000_batches(demo_shards, mix_by):
+    cfg = config(demo_shards, weights=TARGET, mix_by=mix_by, oversize_policy="crop")
+    names, by_atoms, by_samples, fills = realised_shares(cfg, 1000)
+    realised = by_atoms if mix_by == "atoms" else by_samples
+    for name, share in zip(names, realised, strict=True):
+        assert abs(share - TARGET[name]) <= 0.02, (mix_by, name, share)
     assert fills.mean() >= 0.97
 
 
