@@ -1,4 +1,4 @@
-"""Where shards live: one small interface over local folders, http(s) and S3.
+"""Where shards live: one small interface over local folders, http(s), S3 and every fsspec protocol.
 
 Every other module reads shard data only through :func:`open_stream` (a whole shard, read
 sequentially), :func:`read_range` (a block of members) and :func:`read_bytes` (a small file such as
@@ -10,13 +10,14 @@ Layers (imports point down only)::
 
     __init__        the public face below: picks a backend per URL scheme, puts the cache in front
     cache           size-bounded local copies of remote shards (ShardCache)
-    local s3 http   one module per backend; s3/http sources are read through ...
+    local s3 http fsspec_store   one module per backend; remote sources are read through ...
     remote_stream   ... RemoteStream: timeouts, bounded retries with backoff, Range resume, read-ahead
     base            errors, StorageOptions + configure, StorageStats + stats, URL helpers (imports nothing of ours)
 
 Schemes: local paths and ``file://`` (read/write, :mod:`pipeline.storage.local`), ``http://`` /
 ``https://`` (read-only, :mod:`pipeline.storage.http`), ``s3://bucket/key`` (read/write,
-:mod:`pipeline.storage.s3`). Options and counters: see :mod:`pipeline.storage.base`.
+:mod:`pipeline.storage.s3`), every other scheme (``gs://``, ``az://``, ``hf://``, ``memory://``, ...) through fsspec
+(read/write, :mod:`pipeline.storage.fsspec_store`). Options and counters: see :mod:`pipeline.storage.base`.
 """
 
 from __future__ import annotations
@@ -84,9 +85,23 @@ def _source_for(url: str, opts: StorageOptions):
         from pipeline.storage.s3 import S3Source
 
         return S3Source(url, opts)
-    from pipeline.storage.http import HttpSource
+    if scheme in ("http", "https"):
+        from pipeline.storage.http import HttpSource
 
-    return HttpSource(url, opts)
+        return HttpSource(url, opts)
+    from pipeline.storage.fsspec_store import FsspecSource
+
+    return FsspecSource(url, opts)
+
+
+def _writer_for(url: str, opts: StorageOptions):
+    if scheme_of(url) == "s3":
+        from pipeline.storage.s3 import S3Source
+
+        return S3Source(url, opts)
+    from pipeline.storage.fsspec_store import FsspecSource
+
+    return FsspecSource(url, opts)
 
 
 def _open_remote(url: str, opts: StorageOptions, *, sha256: str | None, readahead: bool = True) -> BinaryIO:
@@ -157,9 +172,7 @@ def write_bytes(url: str, data: bytes, *, options: StorageOptions | None = None)
     if scheme == "file":
         local.write_bytes(url, data)
         return
-    from pipeline.storage.s3 import S3Source
-
-    S3Source(url, options or get_options()).put_bytes(data)
+    _writer_for(url, options or get_options()).put_bytes(data)
 
 
 def upload_file(local_path: str, url: str, *, options: StorageOptions | None = None) -> None:
@@ -174,9 +187,7 @@ def upload_file(local_path: str, url: str, *, options: StorageOptions | None = N
     if scheme == "file":
         local.upload_file(local_path, url)
         return
-    from pipeline.storage.s3 import S3Source
-
-    S3Source(url, options or get_options()).upload_file(local_path)
+    _writer_for(url, options or get_options()).upload_file(local_path)
 
 
 def upload_tree(local_dir: str, url: str, *, last: tuple[str, ...] = ("manifest.json",),
@@ -207,7 +218,8 @@ def upload_tree(local_dir: str, url: str, *, last: tuple[str, ...] = ("manifest.
 
 def reset_clients() -> None:
     """Drop this process's cached S3/http clients (e.g. after changing credentials in the environment)."""
-    from pipeline.storage import http, s3
+    from pipeline.storage import fsspec_store, http, s3
 
     s3.reset_clients()
     http.reset_clients()
+    fsspec_store.reset_clients()

@@ -199,14 +199,16 @@ def redact_url(url: str) -> str:
     return p._replace(query="<redacted>").geturl() if p.query else url
 
 
-_SUPPORTED = "local paths, file://, http(s):// and s3://bucket/key"
+NATIVE = ("file", "s3", "http", "https")
+"""Schemes with a backend of their own; every other scheme is read and written through fsspec."""
 
 
 def check_scheme(url: str, *, write: bool = False) -> str:
+    """The URL's scheme; http(s) is refused for writing (other schemes are checked by their backend)."""
     scheme = scheme_of(url)
-    allowed = ("file", "s3") if write else ("file", "s3", "http", "https")
-    if scheme not in allowed:
-        what = "writing" if write else "reading"
-        have = "local paths, file:// and s3://" if write else _SUPPORTED
-        raise StorageError(f"unsupported URL scheme {scheme!r} in {redact_url(url)!r} for {what}; supported: {have}")
+    if write and scheme in ("http", "https"):
+        raise StorageError(
+            f"unsupported URL scheme {scheme!r} in {redact_url(url)!r} for writing; supported: local paths, file:// "
+            "and s3://, and the fsspec protocols (gs://, az://, hf://, ...)"
+        )
     return scheme
