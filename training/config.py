@@ -14,6 +14,8 @@ import yaml
 
 from model.config import ModelConfig, OptimConfig, TasksConfig
 from pipeline.config import DataConfig
+from pipeline.paths import resolve_data_paths
+from pipeline.paths import resolve_paths as resolve_paths_at
 from pipeline.strict_config import ConfigError, apply_overrides, build, load_yaml, to_dict
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -132,9 +134,6 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parent / "_configs"
 if not SHIPPED_CONFIGS.is_dir():
     SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-PATH_KEYS = (("data", "root"), ("data", "storage", "cache_dir"), ("trainer", "run_dir"))
-"""Config fields holding local paths (plus each ``data.domains[i].root``); relative ones are resolved."""
-
 
 def shipped_config(name: str) -> Path | None:
     """The shipped config called ``name`` (``demo`` or ``demo.yaml``), or None."""
@@ -149,33 +148,10 @@ def shipped_names() -> list[str]:
     return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
 
 
-def _is_local(value) -> bool:
-    return isinstance(value, str) and value != "" and "://" not in value
-
-
 def resolve_paths(doc: dict, base: Path) -> dict[str, tuple[str, str]]:
-    """Make the relative local paths of a YAML mapping absolute against ``base`` (in place).
-
-    URLs (``s3://``, ``http(s)://``, ``file://``) and absolute paths are left as they are; ``~`` is expanded.
-    Returns ``{dotted key: (as written, as resolved)}`` for the error messages.
-    """
-    seen: dict[str, tuple[str, str]] = {}
-
-    def fix(node, key, dotted):
-        if isinstance(node, dict) and _is_local(node.get(key)):
-            written = node[key]
-            node[key] = str(base / Path(written).expanduser()) if not Path(written).expanduser().is_absolute() \
-                else str(Path(written).expanduser())
-            seen[dotted] = (written, node[key])
-
-    for keys in PATH_KEYS:
-        node = doc
-        for k in keys[:-1]:
-            node = node.get(k) if isinstance(node, dict) else None
-        fix(node, keys[-1], ".".join(keys))
-    domains = doc.get("data", {}).get("domains") if isinstance(doc.get("data"), dict) else None
-    for i, d in enumerate(domains if isinstance(domains, list) else []):
-        fix(d, "root", f"data.domains[{i}].root")
+    """Relative local paths of a whole config (data section and trainer.run_dir) made absolute against ``base``."""
+    seen = resolve_data_paths(doc["data"], base) if isinstance(doc.get("data"), dict) else {}
+    seen.update(resolve_paths_at(doc, base, (("trainer", "run_dir"),)))
     return seen
 
 
