@@ -207,11 +207,11 @@ def local_path(url: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL for messages and logs: a query string (presigned-URL signatures, tokens) and user:password@ are hidden."""
+    """The URL for messages and logs: a query string (presigned-URL signatures, tokens) and credentials are hidden."""
     if scheme_of(url) == "file":
         return url
     p = urlparse(url)
-    if "@" in p.netloc:
+    if has_credentials(url):
         p = p._replace(netloc="<redacted>@" + p.netloc.rpartition("@")[2])
     if p.query:
         p = p._replace(query="<redacted>")
@@ -225,8 +225,14 @@ CREDENTIALS_FIX = (
 
 
 def has_credentials(url: str) -> bool:
-    """Whether a URL carries ``user[:password]@`` (refused everywhere, see :data:`CREDENTIALS_FIX`)."""
-    return scheme_of(url) != "file" and "@" in urlparse(url).netloc
+    """Whether a URL carries credentials (refused everywhere, see :data:`CREDENTIALS_FIX`): any ``user@`` for s3 and
+    http(s) (``https://TOKEN@host`` is a credential), ``user:password@`` for the other schemes (``abfs://container@
+    account...`` names a container, not a secret)."""
+    scheme = scheme_of(url)
+    p = urlparse(url)
+    if scheme == "file" or "@" not in p.netloc:
+        return False
+    return scheme in ("s3", "http", "https") or ":" in p.netloc.rpartition("@")[0]
 
 
 NATIVE = ("file", "s3", "http", "https")

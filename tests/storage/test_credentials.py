@@ -30,6 +30,14 @@ def test_storage_refuses_credentials_in_urls(url, caplog):
     assert storage.redact_url(url).count("<redacted>@") == 1 and SECRET not in storage.redact_url(url)
 
 
+def test_a_container_at_account_is_not_a_credential():
+    u = "abfs://container@account.dfs.core.windows.net/shards"  # adlfs names containers this way
+    assert not storage.has_credentials(u) and storage.redact_url(u) == u
+    assert storage.has_credentials("abfs://container:key@account.dfs.core.windows.net/shards")
+    assert storage.has_credentials(f"https://{SECRET}@example.org/x")  # a token as the user part is a credential
+    assert not storage.has_credentials("/data/user@host/shards") and not storage.has_credentials("s3://b/k@v")
+
+
 def test_config_refuses_credentials_in_roots():
     with pytest.raises(ValueError, match=r"data.root='s3://<redacted>@shards/demo' carries credentials") as e:
         DataConfig(root=URLS[0])
