@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pipeline.storage import StorageOptions
+from pipeline.storage import CREDENTIALS_FIX, StorageOptions, has_credentials, redact_url
 
 MIX_MODES = ("samples", "atoms", "temperature")
 OVERSIZE_POLICIES = ("raise", "skip", "crop")
@@ -131,6 +131,9 @@ class DataConfig:
             v = getattr(self, f_)
             if not 0 <= v < 1:
                 raise ValueError(f"data.{f_}={v!r}: must be in [0, 1)")
+        for where, root in (("data.root", self.root), *((f"data.domains[{d.name}].root", d.root) for d in self.domains)):
+            if root is not None and has_credentials(root):  # refused here, before the config is saved anywhere
+                raise ValueError(f"{where}={redact_url(root)!r} carries credentials (user:password@); {CREDENTIALS_FIX}")
         seen = set()
         for d in self.domains:
             if d.name in seen:

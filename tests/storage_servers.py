@@ -372,6 +372,10 @@ class _FolderHandler(SimpleHTTPRequestHandler):
         self._serve(body=False)
 
     def _serve(self, body: bool) -> None:
+        token = self.server.token  # type: ignore[attr-defined]
+        if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+            self.send_error(401, "missing or wrong bearer token")
+            return
         path = self.translate_path(self.path)
         if not os.path.isfile(path):
             self.send_error(404, "not found")
@@ -401,17 +405,36 @@ class _FolderHandler(SimpleHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
-        if body:
+        drip_s = self.server.drip_s  # type: ignore[attr-defined]
+        if body and drip_s is not None:
+            stop = self.server.stop_event  # type: ignore[attr-defined]
+            try:
+                for i in range(start, end):  # one byte, then silence for drip_s: never a read timeout, never done
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    if stop.wait(drip_s):
+                        break
+            except OSError:  # the client gave up
+                self.close_connection = True
+        elif body:
             self.wfile.write(data[start:end])
 
 
 class FolderServer:
-    """Serve ``root`` over http on 127.0.0.1; ``ranges=False`` ignores Range headers like many simple servers."""
+    """Serve ``root`` over http on 127.0.0.1; ``ranges=False`` ignores Range headers like many simple servers.
 
-    def __init__(self, root: str, *, ranges: bool = True) -> None:
+    ``token``: answer 401 unless the request carries ``Authorization: Bearer <token>``. ``drip_s``: send bodies one
+    byte every ``drip_s`` seconds (a server that is slow but never silent long enough for a read timeout).
+    """
+
+    def __init__(self, root: str, *, ranges: bool = True, token: str | None = None,
+                 drip_s: float | None = None) -> None:
         handler = type("Handler", (_FolderHandler,), {})
         self._server = _QuietServer((LOOPBACK, 0), lambda *a: handler(*a, directory=root))
         self._server.ranges = ranges  # type: ignore[attr-defined]
+        self._server.token = token  # type: ignore[attr-defined]
+        self._server.drip_s = drip_s  # type: ignore[attr-defined]
+        self._server.stop_event = threading.Event()  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
 
     @property
@@ -425,6 +448,7 @@ class FolderServer:
         return self
 
     def stop(self) -> None:
+        self._server.stop_event.set()  # type: ignore[attr-defined]
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:

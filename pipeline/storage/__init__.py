@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 from pipeline.storage import local
 from pipeline.storage.base import (
+    CREDENTIALS_FIX,
     ChecksumMismatchError,
     StorageError,
     StorageNotFoundError,
@@ -35,6 +36,7 @@ from pipeline.storage.base import (
     check_scheme,
     configure,
     get_options,
+    has_credentials,
     join,
     redact_url,
     scheme_of,
@@ -42,7 +44,7 @@ from pipeline.storage.base import (
 )
 
 __all__ = [
-    "ChecksumMismatchError", "StorageError", "StorageNotFoundError", "StorageOptions", "StorageStats",
+    "CREDENTIALS_FIX", "has_credentials", "ChecksumMismatchError", "StorageError", "StorageNotFoundError", "StorageOptions", "StorageStats",
     "configure", "exists", "finish", "get_options", "join", "open_stream", "read_bytes", "read_range",
     "redact_url", "reset_clients", "scheme_of", "stats", "upload_file", "upload_tree", "write_bytes",
 ]

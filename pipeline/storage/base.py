@@ -15,6 +15,7 @@ each remote stream also carries its own ``stream.stats``. A forked child starts 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass, fields, replace
 from urllib.parse import urlparse
@@ -46,12 +47,17 @@ class StorageOptions:
     """S3 region; None: ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` / profile, else ``us-east-1``."""
     addressing_style: str = "auto"
     """S3 addressing: ``auto`` (path-style when an endpoint override is set), ``path`` or ``virtual``."""
+    http_bearer_token_env: str | None = None
+    """Name of an environment variable whose value is sent to http(s) sources as ``Authorization: Bearer``; never the token."""
     anonymous: bool = False
     """Send unsigned S3 requests (public buckets); no credentials are looked up."""
     connect_timeout_s: float = 5.0
     """Seconds to establish a TCP/TLS connection before the attempt counts as failed."""
     read_timeout_s: float = 30.0
     """Seconds without a single received byte before the attempt counts as failed."""
+    request_deadline_s: float = 300.0
+    """Seconds one request (one GET: answer and body) may take in total; past it the request is abandoned and retried
+    from the last byte received (bounds a server that drips bytes just under read_timeout_s)."""
     max_attempts: int = 5
     """Attempts per request without progress (1 = no retry); a resumed read that made progress starts a new count."""
     max_total_retries: int = 50
@@ -72,7 +78,8 @@ class StorageOptions:
     """Seconds to wait for another process downloading the same shard before streaming it uncached."""
 
     def __post_init__(self) -> None:
-        positive = ("connect_timeout_s", "read_timeout_s", "max_attempts", "chunk_bytes", "cache_max_bytes")
+        positive = ("connect_timeout_s", "read_timeout_s", "request_deadline_s", "max_attempts", "chunk_bytes",
+                    "cache_max_bytes")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"storage.{name} must be > 0, got {getattr(self, name)!r}")
@@ -86,6 +93,12 @@ class StorageOptions:
                     "storage.endpoint_url must not carry credentials or a query string; credentials come only from "
                     "the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or the standard AWS chain"
                 )
+        var = self.http_bearer_token_env
+        if var is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+            raise ValueError(  # never echo the value: it may be the token pasted by mistake
+                "storage.http_bearer_token_env must name an environment variable (letters, digits and _, e.g. "
+                "HTTP_TOKEN) that holds the token, not the token itself"
+            )
         if self.addressing_style not in ("auto", "path", "virtual"):
             raise ValueError(
                 f"storage.addressing_style must be 'auto', 'path' or 'virtual', got {self.addressing_style!r}"
@@ -194,9 +207,32 @@ def local_path(url: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL for messages and logs: a query string (presigned-URL signatures, tokens) is hidden."""
+    """The URL for messages and logs: a query string (presigned-URL signatures, tokens) and credentials are hidden."""
+    if scheme_of(url) == "file":
+        return url
     p = urlparse(url)
-    return p._replace(query="<redacted>").geturl() if p.query else url
+    if has_credentials(url):
+        p = p._replace(netloc="<redacted>@" + p.netloc.rpartition("@")[2])
+    if p.query:
+        p = p._replace(query="<redacted>")
+    return p.geturl()
+
+
+CREDENTIALS_FIX = (
+    "credentials never go in a URL or a config: S3 keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the "
+    "AWS chain, an http(s) bearer token from the environment variable named by storage.http_bearer_token_env"
+)
+
+
+def has_credentials(url: str) -> bool:
+    """Whether a URL carries credentials (refused everywhere, see :data:`CREDENTIALS_FIX`): any ``user@`` for s3 and
+    http(s) (``https://TOKEN@host`` is a credential), ``user:password@`` for the other schemes (``abfs://container@
+    account...`` names a container, not a secret)."""
+    scheme = scheme_of(url)
+    p = urlparse(url)
+    if scheme == "file" or "@" not in p.netloc:
+        return False
+    return scheme in ("s3", "http", "https") or ":" in p.netloc.rpartition("@")[0]
 
 
 NATIVE = ("file", "s3", "http", "https")
@@ -204,8 +240,10 @@ NATIVE = ("file", "s3", "http", "https")
 
 
 def check_scheme(url: str, *, write: bool = False) -> str:
-    """The URL's scheme; http(s) is refused for writing (other schemes are checked by their backend)."""
+    """The URL's scheme; refuses credentials in the URL, and http(s) for writing (backends check the rest)."""
     scheme = scheme_of(url)
+    if has_credentials(url):
+        raise StorageError(f"{redact_url(url)!r} carries credentials (user:password@ in the URL); {CREDENTIALS_FIX}")
     if write and scheme in ("http", "https"):
         raise StorageError(
             f"unsupported URL scheme {scheme!r} in {redact_url(url)!r} for writing; supported: local paths, file:// "

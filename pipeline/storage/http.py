@@ -69,6 +69,9 @@ class _HttpResponse:
         except _RETRYABLE as e:
             raise self._source._transient(e) from e
 
+    def abort(self) -> None:
+        self._resp.shutdown()  # from another thread: a blocked read returns
+
     def close(self) -> None:
         self._resp.release_conn()
         self._resp.close()
@@ -91,7 +94,21 @@ class HttpSource:
         text = f"{type(e).__name__}: {e}"
         return TransientError(text.replace(self._query, "<redacted>") if self._query else text)
 
+    def _auth(self, headers: dict[str, str]) -> dict[str, str]:
+        """``headers`` plus ``Authorization: Bearer`` from the variable named by storage.http_bearer_token_env."""
+        var = self._opts.http_bearer_token_env
+        if var is None:
+            return headers
+        token = os.environ.get(var)
+        if not token:
+            raise StorageError(
+                f"storage.http_bearer_token_env names ${var}, but ${var} is not set (or empty) in the environment "
+                f"of this process; export it before reading {self.name}"
+            )
+        return {**headers, "Authorization": f"Bearer {token}"}  # urllib3 drops it on a redirect to another host
+
     def _request(self, method: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+        headers = self._auth(headers)
         try:
             return pool(self._opts).request(method, self.url, headers=headers, preload_content=False,
                                             decode_content=False)
@@ -108,10 +125,11 @@ class HttpSource:
         if status in (404, 410):
             return StorageNotFoundError(f"not found: {self.name} (HTTP {status}); check the URL and the server's root")
         if status in (401, 403):
-            return StorageError(
-                f"access denied to {self.name} (HTTP {status}); http(s) sources take no credentials: "
-                "serve the files publicly or use a presigned URL"
-            )
+            var = self._opts.http_bearer_token_env
+            fix = (f"check the token in ${var} (storage.http_bearer_token_env)" if var else
+                   "for a private server set storage.http_bearer_token_env to the name of an environment variable "
+                   "holding a bearer token, or use a presigned URL")
+            return StorageError(f"access denied to {self.name} (HTTP {status}); {fix}")
         if status in _TRANSIENT_STATUS or status >= 500:
             return TransientError(f"HTTP {status}")
         return StorageError(f"unexpected HTTP {status} for {self.name}")

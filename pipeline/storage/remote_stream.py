@@ -57,6 +57,9 @@ class Response(Protocol):
 
     def close(self) -> None: ...
 
+    # optional: ``abort()``, called from another thread when the request's deadline passes; it must make a read
+    # that is blocked in that moment return or raise (shut the socket down)
+
 
 class Source(Protocol):
     url: str
@@ -71,6 +74,52 @@ class Source(Protocol):
 
 
 _EOF = object()
+
+
+class _Deadline:
+    """A response with a total deadline: past it, a timer aborts the response (``abort()``: shuts its socket, so
+    a blocked read returns) and every read raises TransientError, so the stream retries from the last byte."""
+
+    past_end = False
+
+    def __init__(self, resp: Response, started: float, deadline_s: float) -> None:
+        self._resp, self._deadline_s = resp, deadline_s
+        self.size, self.etag = resp.size, resp.etag
+        self.expired = False
+        self._timer = threading.Timer(max(0.0, started + deadline_s - time.monotonic()), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        abort = getattr(self._resp, "abort", None)
+        if abort is not None:
+            try:
+                abort()
+            except OSError as e:  # the connection is already gone: the read fails by itself
+                log.debug("aborting a request past its deadline: %s", e)
+
+    def _late(self) -> TransientError:
+        return TransientError(
+            f"no complete answer within storage.request_deadline_s={self._deadline_s:g} s (the server sends too slowly)"
+        )
+
+    def read(self, n: int) -> bytes:
+        if self.expired:
+            raise self._late()
+        try:
+            chunk = self._resp.read(n)
+        except (TransientError, StorageError, OSError, ValueError):
+            if self.expired:  # the abort broke the read
+                raise self._late() from None
+            raise
+        if self.expired and not chunk:  # an aborted read can look like the end of the object
+            raise self._late()
+        return chunk
+
+    def close(self) -> None:
+        self._timer.cancel()
+        self._resp.close()
 
 
 def backoff_delay(opts: StorageOptions, failures: int, salt: str) -> float:
@@ -155,7 +204,11 @@ class RemoteStream(io.RawIOBase):
                 self._count("requests")
                 if pos:
                     self._count("resumes")
-                return self._source.open(pos, self._etag, self._end)
+                started = time.monotonic()
+                resp = self._source.open(pos, self._etag, self._end)
+                if getattr(resp, "past_end", False):
+                    return resp
+                return _Deadline(resp, started, self._opts.request_deadline_s)
             except TransientError as e:
                 self._after_failure(e, pos, failures, stop)
             except StorageError:
@@ -211,7 +264,8 @@ class RemoteStream(io.RawIOBase):
                 if not chunk:
                     return
                 pos += len(chunk)
-                failures[0] = 0
+                if not getattr(resp, "expired", False):  # bytes cut loose by a deadline abort are no progress
+                    failures[0] = 0
                 self._count("bytes_fetched", len(chunk))
                 yield chunk
         finally:

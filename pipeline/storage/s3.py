@@ -132,6 +132,13 @@ class _S3Response:
         except _RETRYABLE as e:
             raise TransientError(f"{type(e).__name__}: {e}") from e
 
+    def abort(self) -> None:
+        raw = getattr(self._body, "_raw_stream", None)  # botocore's StreamingBody over a urllib3 response
+        if raw is not None and hasattr(raw, "shutdown"):
+            raw.shutdown()  # from another thread: a blocked read returns
+        else:
+            self._body.close()
+
     def close(self) -> None:
         self._body.close()
 

@@ -102,3 +102,61 @@ def test_http_read_range(folder, ranges):
         u = server.url + "/shards/s-3.tar"
         for offset, size in [(0, 1), (1000, 250_000), (len(data) - 3, 10), (len(data) + 1, 4)]:
             assert storage.read_range(u, offset, size, options=fast_options()) == data[offset : offset + size]
+
+
+def test_a_dripping_server_hits_the_request_deadline_then_the_retry_policy(folder):
+    """1 byte every 50 ms never trips the read timeout; without a total deadline this read takes 80 minutes."""
+    root, files = folder
+    with FolderServer(str(root), drip_s=0.05) as server:
+        u = storage.join(server.url, "shards/s-2.tar")
+        opts = fast_options(read_timeout_s=2.0, request_deadline_s=0.5, max_attempts=3)
+        with pytest.raises(storage.StorageError, match=r"after 3 consecutive attempt\(s\) \(2 retries in total\): "
+                                                        r"no complete answer within storage.request_deadline_s=0.5 s"):
+            storage.read_bytes(u, options=opts)
+        with pytest.raises(storage.StorageError, match="request_deadline_s=0.5"):
+            with storage.open_stream(u, options=opts) as f:  # the same through the read-ahead thread
+                f.read()
+    assert storage.stats["retries"] == 4 and storage.stats["errors"] == 2
+    with pytest.raises(ValueError, match="request_deadline_s must be > 0"):
+        storage.StorageOptions(request_deadline_s=0)
+    assert storage.StorageOptions().request_deadline_s >= 60  # the default leaves a slow shard time to arrive
+
+
+def test_the_deadline_does_not_cut_a_healthy_read(folder):
+    root, files = folder
+    with FolderServer(str(root)) as server:
+        u = storage.join(server.url, "shards/s-3.tar")
+        assert storage.read_bytes(u, options=fast_options(request_deadline_s=30)) == files["shards/s-3.tar"]
+    assert storage.stats["retries"] == 0
+
+
+def test_private_http_with_a_bearer_token_from_the_environment(folder, monkeypatch, caplog):
+    caplog.set_level("DEBUG")
+    token, wrong = "tok-SECRET-0123456789abcdef", "wrong-token-fedcba9876543210"
+    root, files = folder
+    data = files["shards/s-3.tar"]
+    var = "MOLSTREAM_TEST_HTTP_TOKEN"
+    monkeypatch.delenv(var, raising=False)
+    opts = fast_options(http_bearer_token_env=var)
+    with FolderServer(str(root), token=token) as server:
+        u = storage.join(server.url, "shards/s-3.tar")
+        with pytest.raises(storage.StorageError, match=r"access denied .*HTTP 401.*http_bearer_token_env") as e0:
+            storage.read_bytes(u, options=fast_options())
+        with pytest.raises(storage.StorageError, match=rf"names \${var}, but \${var} is not set") as e1:
+            storage.read_bytes(u, options=opts)
+        monkeypatch.setenv(var, wrong)
+        with pytest.raises(storage.StorageError, match=rf"access denied .*HTTP 401.*check the token in \${var}") as e2:
+            storage.open_stream(u, options=opts)
+        monkeypatch.setenv(var, token)
+        assert storage.read_bytes(u, options=opts) == data
+        assert storage.exists(u, options=opts) and not storage.exists(server.url + "/shards/none.tar", options=opts)
+        with FaultProxy(server.url, rate=0.5, seed=1, kinds=("cut",)) as proxy:  # resumed requests carry it too
+            pu = storage.join(proxy.endpoint, "shards/s-3.tar")
+            with storage.open_stream(pu, sha256=hashlib.sha256(data).hexdigest(), options=opts) as f:
+                assert f.read() == data and f.stats["resumes"] > 0
+            assert storage.read_range(pu, 1000, 5000, options=opts) == data[1000:6000]
+    for text in (str(e0.value), str(e1.value), str(e2.value), caplog.text):
+        assert token not in text and wrong not in text
+    with pytest.raises(ValueError, match="must name an environment variable") as e3:
+        storage.StorageOptions(http_bearer_token_env=f"Bearer {token}")
+    assert token not in str(e3.value)
