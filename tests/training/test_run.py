@@ -135,3 +135,49 @@ def test_wandb_offline_and_tensorboard_loggers_work_without_network(demo_shards,
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no offline wandb run was written"
     assert list((run_dir / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     assert "train/loss" in (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "logs" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_run_dir_lifecycle_refuse_overwrite_resume_finished_and_metrics_kept(demo_shards, tmp_path):
+    import yaml
+
+    run_dir, tmp = tmp_path / "life", tmp_path / "tmpdir"
+    tmp.mkdir()
+    env = dict(_env(), TMPDIR=str(tmp))
+    steps = ["trainer.val_check_interval=2", "trainer.checkpoint_every_n_steps=2", "trainer.log_every_n_steps=1"]
+
+    def run(*extra):
+        return subprocess.run(_cmd(demo_shards, run_dir, *steps, *extra), cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    first = run("trainer.max_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _rows(run_dir)
+    again = run("trainer.max_steps=4")  # a new run into a used run_dir is refused, nothing touched
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "--resume last" in again.stderr
+    assert _rows(run_dir) == before
+    finished = run("trainer.max_steps=4", "--resume", "last")  # resuming a finished run works
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    longer = run("--resume", "last", "trainer.max_steps=6")  # options before overrides
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    rows = _rows(run_dir)
+    train_steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert train_steps == list(range(6)), train_steps  # the first run's rows kept, none twice
+    assert [r["train/loss"] for r in rows if r.get("train/loss")][:4] == [r["train/loss"] for r in before if r.get("train/loss")]
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert len(ckpts) == 2 and ckpts[-1] == "last.ckpt" and ckpts[0].startswith("best-"), ckpts
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 6
+    hp = yaml.safe_load((run_dir / "logs" / "hparams.yaml").read_text())  # plain types only
+    assert hp["trainer"]["max_steps"] == 6 and hp["data"]["root"] == str(demo_shards) and hp["model"]["layers"] == "M S P"
+    assert not list(tmp.rglob("*.ckpt")) and not list(tmp.rglob("*tmp*ckpt*"))
+    fresh = run("trainer.max_steps=2", "--overwrite")  # or start over explicitly
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert [int(r["step"]) for r in _rows(run_dir) if r.get("train/loss")] == [0, 1]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 2
