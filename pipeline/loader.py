@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import storage
 from pipeline.collate import collate
 from pipeline.config import DataConfig
-from pipeline.index import DomainIndex, load_domain_index, read_manifest
+from pipeline.index import DomainIndex, load_domain_index, read_index_table, read_manifest
 from pipeline.packing import crop_sample, plan_batches
 from pipeline.plan import domain_key, rng_for, sample_probabilities
 from pipeline.stream import (
@@ -105,8 +105,11 @@ def resolve(cfg: DataConfig) -> Resolved:
         if not specs:
             raise ValueError(f"the manifest under {cfg.root!r} lists no domains; re-run the converter")
     names = [n for n, _, _ in specs]
+    tables = [read_index_table(root, n, manifest(root), cfg.storage) if n in manifest(root).get("index", {}) else None
+              for n, _, root in specs]  # each index read and checked once, for all three splits
     splits = {
-        s: [load_domain_index(root, n, s, manifest(root), cfg.storage) for n, _, root in specs] for s in ("train", "val", "test")
+        s: [load_domain_index(root, n, s, manifest(root), cfg.storage, t) for (n, _, root), t in zip(specs, tables, strict=True)]
+        for s in ("train", "val", "test")
     }
     for ix in splits["train"] + splits["val"] + splits["test"]:
         if len(ix) and (cfg.radius_A > ix.radius_A + 1e-6 or cfg.max_neighbors > ix.max_neighbors):
