@@ -167,6 +167,13 @@ def replicate(shards: Path, out: Path, times: int) -> None:
             cols["key"] = pa.array([f"{k}_r{r}" for k in t["key"].to_pylist()])
             parts.append(pa.table(cols))
         pq.write_table(pa.concat_tables(parts), out / rel)
+    # the manifest lists every copy (the loader checks the index against it)
+    manifest["shards"] = [dict(sh, path=sh["path"].replace(".tar", f"-r{r}.tar"))
+                          for r in range(times) for sh in manifest["shards"]]
+    for d in manifest["domains"].values():
+        for entry in (d, *d["splits"].values()):
+            entry["samples"] *= times
+            entry["atoms"] *= times
     (out / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -215,6 +222,12 @@ def many_shards(shards: Path, out: Path, n_shards: int, per_shard: int = 5) -> N
     pq.write_table(pa.table(rows), out / "index" / "small_molecule.parquet")
     manifest = json.loads((shards / "manifest.json").read_text())
     manifest["index"] = {"small_molecule": "index/small_molecule.parquet"}
+    manifest["shards"] = [{"path": f"small_molecule/small_molecule-{s_i:06d}.tar", "domain": "small_molecule",
+                           "split": "train", "samples": per_shard,
+                           "bytes": (out / f"small_molecule/small_molecule-{s_i:06d}.tar").stat().st_size}
+                          for s_i in range(n_shards)]
+    n = n_shards * per_shard
+    manifest["domains"] = {"small_molecule": {"samples": n, "splits": {"train": {"samples": n}}}}
     (out / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -153,6 +153,10 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
     for k, name in enumerate(names):
         if name not in shards:
             row = int(np.flatnonzero(codes == k)[0])
+            try:
+                safe_relative_path(name, "shard")
+            except SchemaError as e:
+                raise _bad_row(rel, table, row, str(e)) from None
             raise _bad_row(rel, table, row, f"shard {name!r} is not a {domain!r} shard listed in the manifest")
     shard_bytes = np.array([shards[n]["bytes"] for n in names], np.int64)[codes]
     for bad, what in (

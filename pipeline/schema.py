@@ -252,13 +252,8 @@ MAX_Z = 118
 MAX_BOND_ORDER = BOND_AROMATIC
 
 
-def validate_arrays(arrays: dict[str, np.ndarray]) -> None:
-    """Check a member's arrays against the schema; raises :class:`SchemaError` naming what is wrong and the value.
-
-    Exact dtypes and shapes (:data:`ARRAY_SCHEMA`, no unknown names), at least one atom, atomic numbers in
-    1..118, finite coordinates, bond and pair indices in ``0..N-1`` with ``i < j``, bond orders 0..4.
-    Vectorised: a handful of numpy reductions per sample, whatever its size.
-    """
+def check_structure(arrays: dict[str, np.ndarray]) -> int:
+    """Exact dtypes and shapes (:data:`ARRAY_SCHEMA`, no unknown names), at least one atom; returns N."""
     for name in REQUIRED_ARRAYS:
         if name not in arrays:
             raise SchemaError(f"array {name!r} is missing")
@@ -276,14 +271,20 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> None:
             want = dims.setdefault(sym, got) if isinstance(sym, str) else sym
             if got != want:
                 raise SchemaError(f"array {name!r} has shape {a.shape}, the schema says {shape} with {sym}={want}")
-    n = dims["N"]
-    if n == 0:
+    if dims["N"] == 0:
         raise SchemaError("sample has no atoms")
+    return dims["N"]
+
+
+def check_values(arrays: dict[str, np.ndarray]) -> None:
+    """Atomic numbers in 1..118, finite coordinates, bond and pair indices in ``0..N-1`` with ``i < j``, bond
+    orders 0..4 (arrays already passed :func:`check_structure`); raises :class:`SchemaError` naming the value."""
     z = arrays["z"]
+    n = len(z)
     if z.min() < 1 or z.max() > MAX_Z:
         bad = int(z[(z < 1) | (z > MAX_Z)][0])
         raise SchemaError(f"atomic number {bad} outside 1..{MAX_Z}")
-    if not np.isfinite(arrays["pos"].sum(dtype=np.float64)):  # NaN and inf propagate; float32 sums cannot overflow
+    if not np.isfinite(arrays["pos"].sum(dtype=np.float64)):  # NaN and inf propagate; float32 values cannot overflow
         raise SchemaError("coordinates are not all finite (NaN or inf)")
     for name in ("bonds", "edges"):
         p = arrays[name]
@@ -300,8 +301,35 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> None:
         raise SchemaError(f"bond order {int(bo.max())} outside 0..{MAX_BOND_ORDER}")
 
 
+def _values_ok(many: list[dict[str, np.ndarray]]) -> bool:
+    """:func:`check_values` of many samples at once (concatenated arrays, a fixed number of numpy calls)."""
+    z = np.concatenate([a["z"] for a in many])
+    if z.min() < 1 or z.max() > MAX_Z:
+        return False
+    if not np.isfinite(np.concatenate([a["pos"] for a in many]).sum(dtype=np.float64)):
+        return False
+    n = np.fromiter((len(a["z"]) for a in many), np.int64, len(many))
+    for name in ("bonds", "edges"):
+        p = np.concatenate([a[name] for a in many])
+        if len(p) == 0:
+            continue
+        lim = np.repeat(n, np.fromiter((len(a[name]) for a in many), np.int64, len(many)))
+        if (p.view(np.uint32) >= lim[:, None]).any() or (p[:, 0] >= p[:, 1]).any():
+            return False
+    bo = np.concatenate([a["bond_order"] for a in many])
+    return not (len(bo) and bo.max() > MAX_BOND_ORDER)
+
+
+def validate_arrays(arrays: dict[str, np.ndarray]) -> None:
+    """Check a member's arrays against the schema (:func:`check_structure`, then :func:`check_values`); raises
+    :class:`SchemaError` naming what is wrong and the value seen. Vectorised: a handful of numpy reductions."""
+    check_structure(arrays)
+    check_values(arrays)
+
+
 def validate_sample(s: Sample) -> None:
-    """:func:`validate_arrays` on a decoded sample (``inspect --verify`` and :func:`decode_sample` call it)."""
+    """:func:`validate_arrays` on a decoded sample, and its chain indices against its chains
+    (``inspect --verify`` and :func:`decode_sample` call it)."""
     arrays = {"z": s.z, "pos": s.pos, "bonds": s.bonds, "bond_order": s.bond_order, "edges": s.edges}
     for name in ("res_index", "chain", "atom_name"):
         if getattr(s, name) is not None:
@@ -316,13 +344,15 @@ _ST_DTYPES = {"U8": np.uint8, "I32": np.int32, "F32": np.float32, "U16": np.uint
 _ST_DTYPES = {k: np.dtype(v) for k, v in _ST_DTYPES.items()}
 
 
-def decode_arrays(data: bytes) -> dict[str, np.ndarray]:
-    """The arrays of a member without its metadata, validated (:func:`validate_arrays`); never unpickles.
+_ST_CODES = {"U8": np.dtype(np.uint8), "I32": np.dtype(np.int32), "F32": np.dtype(np.float32),
+             "U16": np.dtype(np.uint16)}
+_SPEC = {name: (next(c for c, d in _ST_CODES.items() if d == dt), dt, shape) for name, (dt, shape) in ARRAY_SCHEMA.items()}
 
-    Parses the safetensors header itself (a third of ``safetensors.numpy.load``'s cost): every array's byte
-    range must be non-negative, inside the member, of exactly its shape's size, and not overlap another.
-    Arrays are read-only views on ``data``. Raises :class:`SchemaError` on anything malformed.
-    """
+
+def _parse_member(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of one member as views on ``data``; structure checked as :func:`check_structure` does (on the
+    header, before any array is made), values not. Every byte range must be non-negative, inside the member, of
+    exactly its shape's size, and not overlap another."""
     if len(data) < 8:
         raise SchemaError(f"member is {len(data)} bytes, too short for a safetensors header")
     n = int.from_bytes(data[:8], "little")
@@ -331,16 +361,28 @@ def decode_arrays(data: bytes) -> dict[str, np.ndarray]:
     base, avail = 8 + n, len(data) - 8 - n
     try:
         header = json.loads(data[8:base])
-        arrays, spans = {}, []
+        arrays, spans, dims = {}, [], {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            lo, hi = info["data_offsets"]
-            dt = _ST_DTYPES[info["dtype"]]
+            spec = _SPEC.get(name)
+            if spec is None:
+                raise SchemaError(f"unknown array {name!r}; this reader knows {sorted(ARRAY_SCHEMA)}")
+            code, dt, syms = spec
             shape = info["shape"]
-            count = math.prod(shape)
-            if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= avail) or min(shape, default=0) < 0:
+            if info["dtype"] != code:
+                got = _ST_DTYPES.get(info["dtype"], info["dtype"])
+                raise SchemaError(f"array {name!r} has dtype {got}, the schema says {dt}")
+            if len(shape) != len(syms):
+                raise SchemaError(f"array {name!r} has shape {tuple(shape)}, the schema says {syms}")
+            for sym, got in zip(syms, shape, strict=True):
+                want = dims.setdefault(sym, got) if sym.__class__ is str else sym
+                if got != want or got.__class__ is not int or got < 0:
+                    raise SchemaError(f"array {name!r} has shape {tuple(shape)}, the schema says {syms} with {sym}={want}")
+            lo, hi = info["data_offsets"]
+            if not (lo.__class__ is int and hi.__class__ is int and 0 <= lo <= hi <= avail):
                 raise SchemaError(f"array {name!r} has byte range {lo}..{hi} outside the member's {avail} data bytes")
+            count = math.prod(shape)
             if hi - lo != count * dt.itemsize:
                 raise SchemaError(f"array {name!r} has {hi - lo} bytes for shape {shape} {dt}")
             arrays[name] = np.frombuffer(data, dt, count, base + lo).reshape(shape)
@@ -349,12 +391,55 @@ def decode_arrays(data: bytes) -> dict[str, np.ndarray]:
         if isinstance(e, SchemaError):
             raise
         raise SchemaError(f"malformed safetensors member ({type(e).__name__}: {e})") from None
+    if len(arrays) < len(REQUIRED_ARRAYS) or any(r not in arrays for r in REQUIRED_ARRAYS):
+        raise SchemaError(f"arrays {[r for r in REQUIRED_ARRAYS if r not in arrays]} are missing")
+    if dims["N"] == 0:
+        raise SchemaError("sample has no atoms")
+    spans.sort()
     end = 0
-    for lo, hi in sorted(s for s in spans if s[1] > s[0]):
-        if lo < end:
+    for lo, hi in spans:
+        if lo < end and hi > lo:
             raise SchemaError(f"two arrays share bytes {lo}..{min(end, hi)} of the member (overlapping offsets)")
-        end = hi
-    validate_arrays(arrays)
+        end = max(end, hi)
+    return arrays
+
+
+def decode_many(datas: list[bytes | None]) -> list[dict[str, np.ndarray] | SchemaError | None]:
+    """Decode and validate the members of one read (a block of a shard): for each, its arrays (read-only views on
+    its bytes), or the :class:`SchemaError` that rejects it, or None where no bytes came (``datas[k] is None``).
+
+    Headers are parsed per member; values are validated once for the whole block (concatenated arrays), and
+    member by member only when the block fails, to name the bad ones. Never unpickles.
+    """
+    out: list = []
+    for d in datas:
+        if d is None:
+            out.append(None)
+            continue
+        try:
+            out.append(_parse_member(d))
+        except SchemaError as e:
+            out.append(e)
+    good = [a for a in out if isinstance(a, dict)]
+    if good and not _values_ok(good):
+        for k, a in enumerate(out):
+            if isinstance(a, dict):
+                try:
+                    check_values(a)
+                except SchemaError as e:
+                    out[k] = e
+    return out
+
+
+def decode_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of one member without its metadata, validated (:func:`validate_arrays`); never unpickles.
+
+    Parses the safetensors header itself (a third of ``safetensors.numpy.load``'s cost): every array's byte
+    range must be non-negative, inside the member, of exactly its shape's size, and not overlap another.
+    Arrays are read-only views on ``data``. Raises :class:`SchemaError` on anything malformed.
+    """
+    arrays = _parse_member(data)
+    check_values(arrays)
     return arrays
 
 
