@@ -177,7 +177,7 @@ def seed_chunks_from_shards(shards: Path, out: Path) -> None:
 
     from pipeline.config import DataConfig
     from pipeline.loader import resolve
-    from pipeline.stream import ShardFetcher, decode_member
+    from pipeline.read import ShardFetcher, decode_member
 
     res = resolve(DataConfig(root=str(shards), oversize_policy="crop"))
     for ix in res.train:
@@ -237,8 +237,8 @@ def many_shards(shards: Path, out: Path, n_shards: int, per_shard: int = 5) -> N
 
     from pipeline.config import DataConfig
     from pipeline.loader import resolve
+    from pipeline.read import ShardFetcher, decode_member
     from pipeline.schema import encode_sample
-    from pipeline.stream import ShardFetcher, decode_member
 
     res = resolve(DataConfig(root=str(shards), domains=({"name": "small_molecule"},), oversize_policy="crop"))
     ix = res.train[0]

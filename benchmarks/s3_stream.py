@@ -31,7 +31,7 @@ from pipeline import storage
 from pipeline.config import DataConfig
 from pipeline.loader import TrainLoader, resolve
 from pipeline.schema import MANIFEST_NAME
-from pipeline.storage_testing import FaultProxy, MotoServer
+from tests.storage_servers import FaultProxy, MotoServer
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "bench"

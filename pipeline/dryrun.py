@@ -27,8 +27,8 @@ import yaml
 from pipeline import storage
 from pipeline.config import DataConfig
 from pipeline.demo import ensure_demo_shards
+from pipeline.items import COUNTERS
 from pipeline.loader import TrainLoader, eval_loader, resolve
-from pipeline.stream import COUNTERS
 from pipeline.strict_config import build
 
 log = logging.getLogger("pipeline.dryrun")

@@ -24,18 +24,12 @@ from pipeline import storage
 from pipeline.collate import collate
 from pipeline.config import DataConfig
 from pipeline.index import DomainIndex, load_domain_index, read_index_table, read_manifest
+from pipeline.items import COUNTERS
+from pipeline.packer import OversizeError, budget_of, stats_of
 from pipeline.packing import crop_to_budget, plan_batches
 from pipeline.plan import domain_key, rng_for, sample_probabilities
-from pipeline.stream import (
-    COUNTERS,
-    DomainSource,
-    OversizeError,
-    budget_of,
-    collate_options,
-    finish,
-    stats_of,
-    train_stream,
-)
+from pipeline.read import DomainSource
+from pipeline.stream import collate_options, finish, train_stream
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +349,7 @@ class TrainLoader:
         return dict(self._storage)
 
     def stats(self) -> dict:
-        """Cumulative per-domain counters of this rank (see :data:`pipeline.stream.COUNTERS`) and passes."""
+        """Cumulative per-domain counters of this rank (see :data:`pipeline.items.COUNTERS`) and passes."""
         total = np.zeros((len(self.res.names), len(COUNTERS)), np.int64)
         passes: list[list[int]] = [[] for _ in self.res.names]
         for st in self.states:

@@ -10,8 +10,9 @@ import pytest
 from pipeline.config import DataConfig
 from pipeline.index import load_domain_index
 from pipeline.loader import TrainLoader, eval_loader, resolve
+from pipeline.packer import OversizeError
 from pipeline.schema import SchemaError
-from pipeline.stream import OversizeError, train_stream
+from pipeline.stream import train_stream
 from pipeline.strict_config import build
 from tests.pipeline.helpers import config
 

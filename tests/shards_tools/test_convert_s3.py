@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.storage_testing import MotoServer
+from tests.storage_servers import MotoServer
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(240)

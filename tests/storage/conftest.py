@@ -7,8 +7,8 @@ import random
 import pytest
 
 from pipeline import storage
-from pipeline.storage_testing import MotoServer
 from tests.storage.helpers import BUCKET, SIZES
+from tests.storage_servers import MotoServer
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ import os
 import pytest
 
 from pipeline import storage
-from pipeline.cache import entry_name
-from pipeline.storage_testing import FaultProxy
+from pipeline.storage.cache import entry_name
 from tests.storage.helpers import BUCKET, fast_options
+from tests.storage_servers import FaultProxy
 
 pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI job
 

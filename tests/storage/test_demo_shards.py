@@ -10,8 +10,8 @@ import pytest
 
 from pipeline import storage
 from pipeline.schema import MANIFEST_NAME
-from pipeline.storage_testing import FaultProxy
 from tests.storage.helpers import BUCKET, fast_options
+from tests.storage_servers import FaultProxy
 
 pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI job
 

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from pipeline import storage
-from pipeline.storage_testing import FAULT_KINDS, FaultProxy, FolderServer
 from tests.storage.helpers import BUCKET, fast_options
+from tests.storage_servers import FAULT_KINDS, FaultProxy, FolderServer
 
 pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI job
 

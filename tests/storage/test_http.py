@@ -9,8 +9,8 @@ import time
 import pytest
 
 from pipeline import storage
-from pipeline.storage_testing import LOOPBACK, FaultProxy, FolderServer, free_port
 from tests.storage.helpers import fast_options
+from tests.storage_servers import LOOPBACK, FaultProxy, FolderServer, free_port
 
 pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI job
 
@@ -73,7 +73,7 @@ def test_query_strings_are_redacted_from_errors_and_logs(folder, caplog):
         with pytest.raises(storage.StorageNotFoundError, match=r"x\.tar\?<redacted>") as e2:
             storage.read_bytes(f"{server.url}/shards/x.tar?{secret}")
     ours = "\n".join(r.getMessage() for r in caplog.records  # urllib3's own DEBUG lines show request paths
-                     if r.name.startswith("pipeline.") and r.name != "pipeline.storage_testing")
+                     if r.name.startswith("pipeline."))
     assert "<redacted>" in ours
     assert secret not in str(e.value) + str(e2.value) + ours
 

@@ -23,8 +23,8 @@ from pipeline.dryrun import main as dryrun_main
 from pipeline.dryrun import run as dryrun
 from pipeline.index import load_domain_index
 from pipeline.schema import SchemaError
-from pipeline.storage_testing import LOOPBACK, FaultProxy, free_port
 from tests.storage.helpers import BUCKET, fast_options
+from tests.storage_servers import LOOPBACK, FaultProxy, free_port
 
 pytestmark = pytest.mark.timeout(240)  # a hang is a failure, not a stuck CI job
 

@@ -12,9 +12,10 @@ import time
 
 import pytest
 
-from pipeline import s3, storage
-from pipeline.storage_testing import LOOPBACK, free_port
+from pipeline import storage
+from pipeline.storage import s3
 from tests.storage.helpers import BUCKET, fast_options
+from tests.storage_servers import LOOPBACK, free_port
 
 pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI job
 
@@ -238,7 +239,7 @@ def test_read_range_is_one_bounded_request(s3_env, objects):
 
 
 def test_read_range_resumes_through_cuts(s3_env, objects):
-    from pipeline.storage_testing import FaultProxy
+    from tests.storage_servers import FaultProxy
 
     key, data = "data/obj-08.tar", objects["data/obj-08.tar"]
     with FaultProxy(s3_env.endpoint, rate=0.5, seed=1, kinds=("cut", "stall_body")) as proxy:

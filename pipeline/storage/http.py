@@ -14,8 +14,8 @@ import threading
 
 import urllib3
 
-from pipeline.remote_stream import PastEnd, TransientError
-from pipeline.storage import StorageError, StorageNotFoundError, StorageOptions, redact_url
+from pipeline.storage.base import StorageError, StorageNotFoundError, StorageOptions, redact_url
+from pipeline.storage.remote_stream import PastEnd, TransientError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """A sequential reader over a remote object that survives faults.
 
-:class:`RemoteStream` asks a *source* (:class:`pipeline.s3.S3Source`,
-:class:`pipeline.http_source.HttpSource`) for the object from byte ``pos`` onwards, reads it in
+:class:`RemoteStream` asks a *source* (:class:`pipeline.storage.s3.S3Source`,
+:class:`pipeline.storage.http.HttpSource`) for the object from byte ``pos`` onwards, reads it in
 chunks, and when an attempt fails (timeout, connection reset, body cut short, 5xx) waits with
 exponential backoff and asks again from the last byte received: a Range request, guarded by the
 object's ETag so a replaced object is never spliced into the old one. Attempts without progress are
@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from pipeline.storage import ChecksumMismatchError, StorageError, StorageOptions, StorageStats, redact_url, stats
+from pipeline.storage.base import ChecksumMismatchError, StorageError, StorageOptions, StorageStats, redact_url, stats
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO
 
-from pipeline.remote_stream import wait_for
-from pipeline.storage import ChecksumMismatchError, StorageError, redact_url, stats
+from pipeline.storage.base import ChecksumMismatchError, StorageError, redact_url, stats
+from pipeline.storage.remote_stream import wait_for
 
 log = logging.getLogger(__name__)
 

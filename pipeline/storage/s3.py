@@ -1,7 +1,7 @@
 """``s3://bucket/key`` objects through boto3: one client per process, created lazily after fork.
 
 Reads disable botocore's own retries (``total_max_attempts=1``) so that every retry goes through
-:class:`pipeline.remote_stream.RemoteStream`, which resumes with a Range request and counts it.
+:class:`pipeline.storage.remote_stream.RemoteStream`, which resumes with a Range request and counts it.
 Writes keep botocore's standard retries (``max_attempts`` tries), since a PUT is simply repeated.
 Credentials come only from the environment / standard AWS chain (env vars, profile, SSO, instance
 role); nothing here reads, stores or logs them. Checksums that newer boto3 adds by default are
@@ -15,8 +15,8 @@ import os
 import threading
 from urllib.parse import urlparse
 
-from pipeline.remote_stream import PastEnd, TransientError
-from pipeline.storage import StorageError, StorageNotFoundError, StorageOptions
+from pipeline.storage.base import StorageError, StorageNotFoundError, StorageOptions
+from pipeline.storage.remote_stream import PastEnd, TransientError
 
 try:
     import boto3

@@ -1,0 +1,282 @@
+"""Plan + read + decode of one domain: :class:`ShardFetcher` (runs of members through :mod:`pipeline.storage`),
+:func:`decode_member` (crc32 + safetensors arrays), :class:`DomainSource` (this slot's piece of pass 0, 1, 2, ...)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import zlib
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.config import DataConfig
+from pipeline.index import DomainIndex
+from pipeline.items import _C, Item
+from pipeline.plan import pass_order, read_blocks, slot_piece
+from pipeline.schema import Sample, SchemaError
+
+log = logging.getLogger(__name__)
+
+
+class ShardTruncatedError(storage.StorageError):
+    """A shard ends before the members its index lists (a truncated upload or copy)."""
+
+
+SHARD_FAULTS = (storage.StorageNotFoundError, storage.ChecksumMismatchError, ShardTruncatedError)
+"""Faults of a shard's data (missing, truncated, sha256 mismatch), handled by ``data.bad_sample_policy``; any other
+:class:`~pipeline.storage.StorageError` (credentials, endpoint, network after the retries) always raises."""
+
+_warned_shards: set[str] = set()  # one warning per unreadable shard per process
+
+
+class ShardFetcher:
+    """Reads members by sample id through :mod:`pipeline.storage`: runs of consecutive members with one read
+    (local or cached: an open file, seek + read; remote: ``storage.read_range``, a single Range request).
+
+    A shard that is missing, truncated or fails its sha256 (:data:`SHARD_FAULTS`) raises a
+    :class:`~pipeline.storage.StorageError` naming the URL under ``bad_policy='raise'``; under ``'skip'`` its
+    unreadable members come back as None (the caller counts them as bad) after one warning naming the shard.
+    Reads use ``index.options`` (``data.storage``), else the process default of :func:`pipeline.storage.configure`.
+    """
+
+    MAX_OPEN = 8
+    """Local or cached shards kept open at once (a cache hit re-hashes the whole shard on open)."""
+
+    def __init__(self, index: DomainIndex, bad_policy: str = "raise") -> None:
+        self.index, self.bad_policy = index, bad_policy
+        self.opts = index.options or storage.get_options()
+        self._files: OrderedDict[int, BinaryIO] = OrderedDict()
+        self._readable: dict[int, int] = {}  # shard -> bytes known to exist (0: missing), once a fault was seen
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def _file(self, shard: int) -> BinaryIO:
+        f = self._files.pop(shard, None)
+        if f is None:
+            sha = self.index.shard_sha256[shard] if self.index.shard_sha256 and self.opts.cache_dir else None
+            f = storage.open_stream(self.index.shard_urls[shard], sha256=sha, options=self.opts)
+            while len(self._files) >= self.MAX_OPEN:
+                self._files.popitem(last=False)[1].close()
+        self._files[shard] = f  # most recently used last
+        return f
+
+    def _read(self, shard: int, start: int, size: int) -> bytes:
+        url = self.index.shard_urls[shard]
+        if storage.scheme_of(url) == "file" or self.opts.cache_dir:
+            f = self._file(shard)
+            f.seek(start)
+            return f.read(size)
+        return storage.read_range(url, start, size, options=self.opts)  # one bounded Range request per run
+
+    def _fault(self, shard: int, err: storage.StorageError, n_members: int) -> None:
+        """Raise (policy 'raise') or warn once per shard (policy 'skip') about a shard's unreadable members."""
+        url = storage.redact_url(self.index.shard_urls[shard])
+        what = (f"shard {url} of domain {self.index.name!r} is listed in the index of "
+                f"{storage.redact_url(self.index.root)!r} but cannot be read: {err}")
+        if self.bad_policy == "raise":
+            raise type(err)(
+                f"{what}; re-upload the shard or re-run the converter, or set data.bad_sample_policy='skip' to count "
+                "its unreadable samples as bad and go on"
+            ) from None
+        if url not in _warned_shards:
+            _warned_shards.add(url)
+            log.warning("skipping the unreadable samples of a shard (counted as bad): %s", what)
+        log.debug("shard %s: %d unreadable members skipped in this read", url, n_members)
+
+    def read_run(self, ids: np.ndarray) -> list[bytes | None]:
+        """Bytes of a run of ids that are consecutive members of one shard, with one read call; None for members
+        that could not be read (missing or truncated shard under ``bad_policy='skip'``)."""
+        ix = self.index
+        first, last = int(ids[0]), int(ids[-1])
+        shard = int(ix.shard[first])
+        start, end = int(ix.offset[first]), int(ix.offset[last] + ix.size[last])
+        known = self._readable.get(shard)
+        data = b""
+        if known is None or start < known:  # else: past the known end of a faulty shard, already reported
+            try:
+                data = self._read(shard, start, end - start)
+            except SHARD_FAULTS as e:
+                self._readable[shard] = 0
+                self._fault(shard, e, len(ids))
+            else:
+                if len(data) != end - start:
+                    self._readable[shard] = start + len(data)
+                    self._fault(shard, ShardTruncatedError(
+                        f"wanted bytes {start}..{end}, got {len(data)}; the shard is truncated or does not match its index"
+                    ), len(ids))
+        mv = memoryview(data)
+        out: list[bytes | None] = []
+        for o, s in zip(ix.offset[ids].tolist(), ix.size[ids].tolist(), strict=True):
+            lo = o - start
+            out.append(bytes(mv[lo : lo + s]) if lo + s <= len(data) else None)
+        return out
+
+    def runs(self, ids: np.ndarray) -> list[np.ndarray]:
+        """Split sample ids into runs of consecutive members of the same shard."""
+        if len(ids) == 0:
+            return []
+        ids = np.asarray(ids, np.int64)
+        brk = np.flatnonzero((np.diff(ids) != 1) | (np.diff(self.index.shard[ids]) != 0)) + 1
+        return np.split(ids, brk)
+
+
+_ST_DTYPES = {k: np.dtype(v) for k, v in {"U8": np.uint8, "I32": np.int32, "F32": np.float32, "U16": np.uint16,
+              "I64": np.int64, "F64": np.float64, "I16": np.int16, "I8": np.int8, "U32": np.uint32,
+              "F16": np.float16}.items()}
+
+
+def fast_decode(data: bytes, index: DomainIndex, idx: int) -> Sample:
+    """Decode a member's arrays without its metadata: key, domain and graph options come from the index and
+    the manifest (whose format version was checked). Same safetensors layout as :func:`decode_sample`, a
+    third of its cost; arrays are read-only views on ``data``. Raises SchemaError on malformed bytes."""
+    if len(data) < 8:
+        raise SchemaError(f"member is {len(data)} bytes, too short for a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise SchemaError(f"safetensors header claims {n} bytes but the member has {len(data) - 8}")
+    try:
+        header = json.loads(data[8 : 8 + n].decode())
+        arrays = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            lo, hi = info["data_offsets"]
+            dt = _ST_DTYPES[info["dtype"]]
+            shape = info["shape"]
+            count = math.prod(shape)
+            if hi - lo != count * dt.itemsize or 8 + n + hi > len(data):
+                raise SchemaError(f"array {name!r} has {hi - lo} bytes for shape {shape} {dt}")
+            arrays[name] = np.frombuffer(data, dt, count, 8 + n + lo).reshape(shape)
+        s = Sample(
+            key=index.keys[idx], domain=index.name, z=arrays["z"], pos=arrays["pos"], bonds=arrays["bonds"],
+            bond_order=arrays["bond_order"], edges=arrays["edges"], radius_A=index.radius_A,
+            max_neighbors=index.max_neighbors, res_index=arrays.get("res_index"), chain=arrays.get("chain"),
+            atom_name=arrays.get("atom_name"),
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, SchemaError):
+            raise
+        raise SchemaError(f"malformed safetensors member ({type(e).__name__}: {e})") from None
+    na = s.z.shape[0]
+    if na != int(index.num_atoms[idx]) or s.pos.shape != (na, 3):
+        raise SchemaError(
+            f"member has {na} atoms (pos {s.pos.shape}) but the index says {int(index.num_atoms[idx])}; "
+            "the index does not match the shard"
+        )
+    return s
+
+
+def decode_member(data: bytes, index: DomainIndex, idx: int, bad_policy: str, verify: bool = True) -> Sample | None:
+    """Decode one member (checked against the index's crc32 when ``verify``); a bad one raises (policy
+    'raise') or returns None (policy 'skip', counted by the caller)."""
+    try:
+        if verify and index.crc32 is not None and zlib.crc32(data) != int(index.crc32[idx]):
+            raise SchemaError(
+                f"crc32 {zlib.crc32(data):#010x} does not match the index's {int(index.crc32[idx]):#010x}: "
+                "the member is corrupt (re-fetch or re-convert the shard)"
+            )
+        return fast_decode(data, index, idx)
+    except SchemaError as e:
+        where = f"{index.shard_urls[int(index.shard[idx])]}:{index.keys[idx]}"
+        msg = f"{where}: {e}"
+        if bad_policy == "raise":
+            raise SchemaError(f"{msg} (set data.bad_sample_policy='skip' to count and skip bad samples)") from None
+        log.warning("skipping bad sample: %s", msg)
+        return None
+
+
+class DomainSource:
+    """Plan + read + decode for one domain: yields Items of this slot's piece of pass 0, 1, 2, ..."""
+
+    def __init__(self, index: DomainIndex, d: int, slot: int, n_slots: int, cfg: DataConfig, counters: np.ndarray):
+        if len(index) == 0:
+            raise ValueError(f"domain {index.name!r} has no {index.split} samples; drop it from data.domains")
+        self.index, self.d, self.slot, self.n_slots, self.cfg, self.counters = index, d, slot, n_slots, cfg, counters
+        self.fetcher = ShardFetcher(index, cfg.bad_sample_policy)
+        self._blocks = read_blocks(index.shard, index.size, cfg.read_block_bytes)
+        self.pass_ = 0
+        self._set_pass(0, 0)
+
+    def _set_pass(self, pass_: int, cursor: int) -> None:
+        self.pass_ = pass_
+        self._piece = slot_piece(pass_order(self._blocks, self.cfg.seed, self.index.name, pass_), self.slot,
+                                 self.n_slots, pass_)
+        # read groups: runs of one block
+        if len(self._piece):
+            ids = self._piece
+            brk = (np.diff(ids) != 1) | (np.diff(self._blocks[ids]) != 0)
+            self._group_starts = np.concatenate([[0], np.flatnonzero(brk) + 1, [len(ids)]])
+        else:
+            self._group_starts = np.zeros(1, np.int64)
+        self._next_read = cursor  # next piece position to read
+        self._ready: deque[tuple[int, Item]] = deque()
+
+    def _fill(self) -> None:
+        for _ in range(self.n_slots + 1):  # a small domain may leave this slot's piece empty for a few passes
+            if self._next_read < len(self._piece):
+                break
+            self._set_pass(self.pass_ + 1, 0)
+        else:
+            raise RuntimeError(f"domain {self.index.name!r}: no samples reach slot {self.slot}; this is a bug")
+        g = int(np.searchsorted(self._group_starts, self._next_read, side="right"))
+        lo, hi = self._next_read, int(self._group_starts[g])
+        ids = self._piece[lo:hi]
+        datas = self.fetcher.read_run(ids)
+        ix = self.index
+        for k, (i, data) in enumerate(zip(ids.tolist(), datas, strict=True)):
+            s = None if data is None else decode_member(data, ix, i, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
+            nbytes = 0 if data is None else len(data)
+            self._ready.append((lo + k, Item(self.d, self.pass_, i, s, nbytes, 2 * int(ix.num_edges[i]))))
+        self._next_read = hi
+
+    def __iter__(self) -> Iterator[Item]:
+        return self
+
+    def __next__(self) -> Item:
+        bad_in_a_row = 0
+        while True:
+            if not self._ready:
+                self._fill()
+            _, it = self._ready.popleft()
+            if it.sample is not None:
+                return it
+            self.counters[self.d, _C["bad"]] += 1
+            bad_in_a_row += 1
+            if bad_in_a_row > len(self.index):  # more than a whole pass of this slot: would never return
+                raise storage.StorageError(
+                    f"domain {self.index.name!r}: {bad_in_a_row} samples in a row are bad or unreadable, a whole pass; "
+                    f"check the shards under {storage.redact_url(self.index.root)!r} (or drop the domain)"
+                )
+
+    def state_dict(self) -> dict:
+        cursor = self._ready[0][0] if self._ready else self._next_read
+        return {"pass": self.pass_, "cursor": int(cursor)}
+
+    def load_state_dict(self, st: dict) -> None:
+        self._set_pass(int(st["pass"]), int(st["cursor"]))
+
+    def fetch(self, pass_ids: list[tuple[int, int]]) -> list[Item | None]:
+        """Re-read samples by (pass, id), in the given order (restoring buffers); None for bad ones."""
+        if not pass_ids:
+            return []
+        ids = np.array([i for _, i in pass_ids], np.int64)
+        order = np.argsort(ids, kind="stable")
+        got: dict[int, Item | None] = {}
+        for run in self.fetcher.runs(np.unique(ids[order])):
+            for i, data in zip(run.tolist(), self.fetcher.read_run(run), strict=True):
+                s = None if data is None else decode_member(data, self.index, i, self.cfg.bad_sample_policy,
+                                                            self.cfg.verify_crc32)
+                got[i] = None if s is None else Item(self.d, 0, i, s, len(data), 2 * int(self.index.num_edges[i]))
+        out = []
+        for p, i in pass_ids:
+            it = got[i]
+            out.append(None if it is None else Item(self.d, p, i, it.sample, it.nbytes, it.edges))
+        return out
