@@ -280,6 +280,19 @@ def test_max_edges_below_every_molecule_with_skip_is_the_max_atoms_error(small_s
     assert "no training samples" in by_atoms and by_edges == by_atoms
 
 
+@pytest.mark.timeout(120)
+def test_packer_never_loops_when_nothing_fits(small_shards):
+    """Past resolve()'s check (a stream built directly): the packer raises instead of skipping forever."""
+    from pipeline.packer import OversizeError
+    from pipeline.stream import train_stream
+
+    res = resolve(config(small_shards, weights={DOMAIN: 1.0}, oversize_policy="skip"))
+    cfg = config(small_shards, weights={DOMAIN: 1.0}, oversize_policy="skip", max_edges=1)
+    st = train_stream(cfg, res.train, res.sample_probs, res.batch_probs, 0, 1)
+    with pytest.raises(OversizeError, match="nothing fits the budget"):
+        st.next_items()
+
+
 def test_max_edges_with_crop_applies_to_eval(small_shards):
     cfg = config(small_shards, max_atoms=4000, max_edges=3000, oversize_policy="crop")
     res = resolve(cfg)
