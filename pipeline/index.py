@@ -139,6 +139,10 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
     table = pf.read()
     if rows == 0:
         return table
+    for c in REQUIRED_COLUMNS:
+        if table[c].null_count:
+            row = int(np.flatnonzero(table[c].is_null().to_numpy(zero_copy_only=False))[0])
+            raise _bad_row(rel, table, row, f"{c} is null")
     try:
         off = table["offset"].to_numpy().astype(np.int64)
         size = table["size"].to_numpy().astype(np.int64)

@@ -197,6 +197,7 @@ def _set(col, row, value):
     (_set("size", 2, 10**12), r"row 2 .*size 1000000000000 is past the end of shard"),
     (_set("num_atoms", 2, 0), r"row 2 .*num_atoms 0"),
     (_set("split", 2, "val"), r"row 2 .*split 'val' but its shard"),
+    (_set("offset", 2, None), r"row 2 .*offset is null"),
 ])
 def test_bad_index_rows_rejected_at_load_naming_the_row(small_shards, tmp_path, edit, message):
     root = tampered(small_shards, tmp_path, edit)
