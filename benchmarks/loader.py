@@ -11,6 +11,8 @@ Measured in the same run, each phase in its own process (so peak RSS is its own)
 - ``first_10k``: time to the first batch with a synthetic 10 000-shard index.
 
     python benchmarks/loader.py [--batches 60] [--max-atoms 25000] [--domain protein] [--pt-root /path/to/demo-pt]
+    python benchmarks/loader.py --qm9 [--qm9-limit N]     # small molecules only: QM9 from qm9pack
+    python benchmarks/loader.py --profile SHARDS [--domain small_molecule]   # per-stage cProfile shares
 
 Without ``--pt-root`` the demo raw data (minus the two RNAs over 25 000 atoms, which the seed's demo
 chunks leave out too) is converted and the seed-style chunks are written from those very shards.
@@ -105,6 +107,44 @@ def phase_seed(pt_root: str, max_atoms: int, min_batches: int, domain: str | Non
     out["batches_per_pass"] = n
     out["peak_rss_MB"] = _peak_rss_mb()
     return out
+
+
+def profile_stages(shards: str, batches: int, max_atoms: int, domain: str | None) -> dict:
+    """Where one slot's stream spends its time: unprofiled molecules/s, then cProfile shares per stage."""
+    import cProfile
+    import pstats
+
+    from pipeline.config import DataConfig, DomainConfig
+    from pipeline.loader import resolve
+    from pipeline.stream import train_stream
+
+    cfg = DataConfig(root=shards, max_atoms=max_atoms, num_workers=0, oversize_policy="crop",
+                     domains=(DomainConfig(domain),) if domain else (), shuffle_buffer_bytes=SHUFFLE_BUFFER_BYTES)
+    res = resolve(cfg)
+    st = train_stream(cfg, res.train, res.sample_probs, res.batch_probs, 0, 1)
+    st.next_compact()
+    t, mols = time.perf_counter(), 0
+    for _ in range(batches):
+        mols += st.next_compact()["stats"]["graphs"]
+    secs = time.perf_counter() - t
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(batches):
+        st.next_compact()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+
+    def cum(module: str, fn: str) -> float:
+        return sum(v[3] for k, v in stats.items() if k[0].endswith(module) and k[2] == fn)
+
+    total = cum("stream.py", "next_compact") / 2  # TrainStream.next_compact wraps Collator.next_compact
+    share = {name: round(cum(m, f) / total, 3) for name, (m, f) in {
+        "read_and_decode": ("read.py", "_fill"), "decode_run": ("read.py", "decode_run"),
+        "header_parse_and_views": ("schema.py", "_parse_member"), "collate": ("collate.py", "collate_compact")}.items()}
+    share["value_validation"] = round((cum("schema.py", "_values_ok") + cum("schema.py", "check_values")) / total, 3)
+    share["shuffle_mix_pack"] = round(1 - share["read_and_decode"] - share["collate"], 3)
+    return {"molecules_per_s": round(mols / secs), "us_per_molecule": round(secs / mols * 1e6, 1),
+            "cprofile_share": share}
 
 
 def phase_first(shards: str, max_atoms: int) -> dict:
@@ -297,6 +337,8 @@ def main() -> None:
                    help="small molecules only: the full QM9 from qm9pack (`pip download qm9pack --no-deps -d /tmp/qm9`)")
     p.add_argument("--qm9-limit", type=int, default=None, help="with --qm9: only the first N molecules")
     p.add_argument("--skip-first", action="store_true", help="skip the 10 000-shard first-batch check")
+    p.add_argument("--profile", metavar="SHARDS", default=None,
+                   help="only profile one slot's stream over SHARDS (honours --domain, --batches); one JSON line")
     p.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.phase:
@@ -308,6 +350,13 @@ def main() -> None:
               "seed": lambda: phase_seed(rest[0], a.max_atoms, int(rest[1]), a.domain),
               "first": lambda: phase_first(rest[0], a.max_atoms)}[name]
         print(json.dumps(fn()))
+        return
+    if a.profile:
+        import torch
+
+        torch.set_num_threads(1)
+        print(json.dumps({"benchmark": "loader_profile", "mix": a.domain or "natural mix of all domains",
+                          **profile_stages(a.profile, a.batches, a.max_atoms, a.domain)}))
         return
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)

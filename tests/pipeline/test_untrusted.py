@@ -315,3 +315,33 @@ def test_crafted_member_roundtrip_is_valid(small_shards):
         f.seek(int(ix.offset[0]))
         s = decode_sample(f.read(int(ix.size[0])))
     decode_arrays(encode_sample(s))
+
+
+def test_block_validation_names_each_bad_member_small_and_large(small_shards):
+    """decode_many checks small samples together and large ones alone: in a mixed block exactly the bad ones fail."""
+    from pipeline.schema import BLOCK_CHECK_MAX_ATOMS, decode_many
+
+    def members(domain, n):
+        ix = load_domain_index(str(small_shards), domain, "train")
+        out = []
+        with open(ix.shard_urls[0], "rb") as f:
+            for i in range(n):
+                f.seek(int(ix.offset[i]))
+                out.append(bytearray(f.read(int(ix.size[i]))))
+        return ix, out
+
+    pix, big = members("protein", 2)
+    _, small = members(DOMAIN, 3)
+    assert (pix.num_atoms[:2] > BLOCK_CHECK_MAX_ATOMS).all()
+
+    def smash(data, array, raw):
+        base, arrays = _member_arrays(bytes(data))
+        lo = base + arrays[array]["data_offsets"][0]
+        data[lo : lo + len(raw)] = raw
+        return bytes(data)
+
+    block = [bytes(small[0]), smash(big[0], "z", b"\x00"), None, smash(small[1], "pos", np.float32(np.nan).tobytes()),
+             bytes(big[1]), bytes(small[2])]
+    got = decode_many(block)
+    assert [type(g).__name__ for g in got] == ["dict", "SchemaError", "NoneType", "SchemaError", "dict", "dict"]
+    assert "atomic number 0" in str(got[1]) and "not all finite" in str(got[3])
