@@ -53,9 +53,11 @@ class DataConfig:
     cross_domain_batches: bool = True
     """False: every batch holds one domain only (the seed's enable_cross_modal_batches=False)."""
     oversize_policy: str = "raise"
-    """A sample larger than the budget: 'raise', 'skip' or 'crop' (spatial ball around a random atom); counted."""
+    """A sample over max_atoms or max_edges: 'raise', 'skip' or 'crop' (spatial ball around a random atom, also in
+    val/test); counted."""
     bad_sample_policy: str = "raise"
-    """A member that fails to decode: 'raise' or 'skip' (counted per domain as 'bad')."""
+    """A member that fails to decode or validate (pipeline.schema.decode_many): 'raise' or 'skip' (counted once per
+    sample per domain as 'bad')."""
     verify_crc32: bool = True
     """Check every member against the index's crc32 (about 1 ms per 25 000-atom batch); a mismatch is a bad sample."""
     pool_budget_multiple: float = 3.0

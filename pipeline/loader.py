@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import storage
 from pipeline.collate import collate
 from pipeline.config import DataConfig
-from pipeline.index import DomainIndex, load_domain_index, read_manifest
+from pipeline.index import DomainIndex, load_domain_index, read_index_table, read_manifest
 from pipeline.items import COUNTERS
 from pipeline.packer import OversizeError, budget_of, stats_of
-from pipeline.packing import crop_sample, plan_batches
+from pipeline.packing import crop_to_budget, plan_batches
 from pipeline.plan import domain_key, rng_for, sample_probabilities
 from pipeline.read import DomainSource
 from pipeline.stream import collate_options, finish, train_stream
@@ -61,8 +61,24 @@ def _effective_atoms(ix: DomainIndex, cfg: DataConfig) -> np.ndarray:
     if cfg.oversize_policy == "crop":
         return np.minimum(a, cfg.max_atoms)
     if cfg.oversize_policy == "skip":
-        return np.where(a > cfg.max_atoms, 0, a)
+        return np.where(_over_budget(ix, cfg), 0, a)
     return a
+
+
+def _over_budget(ix: DomainIndex, cfg: DataConfig) -> np.ndarray:
+    """Samples over ``max_atoms`` or (directed radius edges, 2 per stored pair) over ``max_edges``."""
+    over = ix.num_atoms > cfg.max_atoms
+    if cfg.max_edges is not None:
+        over |= 2 * ix.num_edges > cfg.max_edges
+    return over
+
+
+def _effective_edges(ix: DomainIndex, cfg: DataConfig) -> np.ndarray:
+    """Directed radius edges each sample brings to a batch (an upper bound; cropped ones at most ``max_edges``)."""
+    e = 2 * ix.num_edges
+    if cfg.batch_size is None and cfg.max_edges is not None and cfg.oversize_policy == "crop":
+        return np.minimum(e, cfg.max_edges)
+    return e
 
 
 def _check_oversize(ixs: list[DomainIndex], cfg: DataConfig) -> None:
@@ -70,9 +86,7 @@ def _check_oversize(ixs: list[DomainIndex], cfg: DataConfig) -> None:
         return
     bad = []
     for ix in ixs:
-        over = np.flatnonzero(ix.num_atoms > cfg.max_atoms)
-        if cfg.max_edges is not None:
-            over = np.union1d(over, np.flatnonzero(2 * ix.num_edges > cfg.max_edges))
+        over = np.flatnonzero(_over_budget(ix, cfg))
         bad += [f"{ix.name}/{ix.split}:{ix.keys[i]} ({ix.num_atoms[i]} atoms)" for i in over[:5]]
     if bad:
         raise OversizeError(
@@ -99,8 +113,11 @@ def resolve(cfg: DataConfig) -> Resolved:
         if not specs:
             raise ValueError(f"the manifest under {cfg.root!r} lists no domains; re-run the converter")
     names = [n for n, _, _ in specs]
+    tables = [read_index_table(root, n, manifest(root), cfg.storage) if n in manifest(root).get("index", {}) else None
+              for n, _, root in specs]  # each index read and checked once, for all three splits
     splits = {
-        s: [load_domain_index(root, n, s, manifest(root), cfg.storage) for n, _, root in specs] for s in ("train", "val", "test")
+        s: [load_domain_index(root, n, s, manifest(root), cfg.storage, t) for (n, _, root), t in zip(specs, tables, strict=True)]
+        for s in ("train", "val", "test")
     }
     for ix in splits["train"] + splits["val"] + splits["test"]:
         if len(ix) and (cfg.radius_A > ix.radius_A + 1e-6 or cfg.max_neighbors > ix.max_neighbors):
@@ -367,7 +384,7 @@ class EvalDataset(IterableDataset):
             eff = _effective_atoms(ix, cfg)
             keep = np.flatnonzero(eff > 0)
             self.skipped[d] = int(len(ix) - len(keep))
-            groups.append((d, keep, eff[keep], 2 * ix.num_edges[keep]))
+            groups.append((d, keep, eff[keep], _effective_edges(ix, cfg)[keep]))
         if cfg.cross_domain_batches and groups:
             groups = [(
                 np.concatenate([np.full(len(g[1]), g[0]) for g in groups]),
@@ -421,8 +438,10 @@ class EvalDataset(IterableDataset):
                             bad[d] += 1
                             continue
                         s = it.sample
-                        if cfg.batch_size is None and s.num_atoms > cfg.max_atoms:
-                            s = crop_sample(s, cfg.max_atoms, rng_for(cfg.seed, 0xC209, domain_key(ixs[d].name), -1, it.idx))
+                        if cfg.batch_size is None and (s.num_atoms > cfg.max_atoms or (
+                                cfg.max_edges is not None and 2 * len(s.edges) > cfg.max_edges)):
+                            rng = rng_for(cfg.seed, 0xC209, domain_key(ixs[d].name), -1, it.idx)
+                            s, _ = crop_to_budget(s, cfg.max_atoms, cfg.max_edges, rng)
                         samples.append(s)
                         dlist.append(d)
                 rng = rng_for(cfg.seed, 0xE7A1, domain_key(self.split), number)

@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.config import DataConfig
 from pipeline.items import _C, BlockRandom, Item
 from pipeline.mix import _cumulative
-from pipeline.packing import choose_head, crop_sample, filler_limit, pool_wants_more, select_batch
+from pipeline.packing import choose_head, crop_to_budget, filler_limit, pool_wants_more, select_batch
 from pipeline.plan import domain_key, rng_for
 from pipeline.read import DomainSource
 
@@ -70,13 +70,7 @@ class Packer:
     def _crop(self, it: Item) -> Item:
         b = self.b
         rng = rng_for(b.seed, 0xC209, domain_key(self.sources[it.d].index.name), it.pass_, it.idx)
-        target = it.atoms if b.max_atoms is None else min(it.atoms, b.max_atoms)
-        while True:
-            s = crop_sample(it.sample, target, rng)
-            edges = 2 * len(s.edges)
-            if b.max_edges is None or edges <= b.max_edges or target <= 1:
-                break
-            target = max(1, int(target * b.max_edges / edges * 0.95))
+        s, edges = crop_to_budget(it.sample, b.max_atoms, b.max_edges, rng)
         self.counters[it.d, _C["oversize_cropped"]] += 1
         return Item(it.d, it.pass_, it.idx, s, it.nbytes, edges)
 
@@ -86,11 +80,16 @@ class Packer:
             while len(pool) < b.batch_size:
                 self._add(next(self.upstream))
             return
+        skipped, limit = 0, sum(len(s.index) for s in self.sources if s is not None)
         while not pool or pool_wants_more(self.pool_atoms, self.filler_atoms, len(pool), b.pool_atoms,
                                           b.pool_max_samples):
             it = self._admit(next(self.upstream))
             if it is not None:
                 self._add(it)
+                skipped = 0
+            elif (skipped := skipped + 1) > limit:  # a whole pass skipped (resolve() refuses such configs first)
+                raise OversizeError(f"nothing fits the budget max_atoms={b.max_atoms} / max_edges={b.max_edges}: "
+                                    f"{skipped} samples in a row were skipped as oversize; raise the budget")
 
     def _add(self, it: Item) -> None:
         self.pool.append(it)

@@ -225,3 +225,17 @@ def crop_sample(s: Sample, max_atoms: int, rng: np.random.Generator) -> Sample:
         chain=None if s.chain is None else s.chain[keep],
         atom_name=None if s.atom_name is None else s.atom_name[keep],
     )
+
+
+def crop_to_budget(s: Sample, max_atoms: int | None, max_edges: int | None,
+                   rng: np.random.Generator) -> tuple[Sample, int]:
+    """:func:`crop_sample` to ``max_atoms``, shrunk further until its directed radius edges (2 per stored pair)
+    fit ``max_edges``; returns the sample and its directed edges. The training packer and the evaluation loader
+    both crop with it, so a budget that training meets is met by evaluation too."""
+    target = s.num_atoms if max_atoms is None else min(s.num_atoms, max_atoms)
+    while True:
+        out = crop_sample(s, target, rng)
+        edges = 2 * len(out.edges)
+        if max_edges is None or edges <= max_edges or target <= 1:
+            return out, edges
+        target = max(1, int(target * max_edges / edges * 0.95))

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ from pipeline.config import DataConfig
 from pipeline.index import DomainIndex
 from pipeline.items import _C, Item
 from pipeline.plan import pass_order, read_blocks, slot_piece
-from pipeline.schema import Sample, SchemaError
+from pipeline.schema import Sample, SchemaError, decode_many
 
 log = logging.getLogger(__name__)
 
@@ -128,69 +126,57 @@ class ShardFetcher:
         return np.split(ids, brk)
 
 
-_ST_DTYPES = {k: np.dtype(v) for k, v in {"U8": np.uint8, "I32": np.int32, "F32": np.float32, "U16": np.uint16,
-              "I64": np.int64, "F64": np.float64, "I16": np.int16, "I8": np.int8, "U32": np.uint32,
-              "F16": np.float16}.items()}
+def _reject(err: SchemaError, index: DomainIndex, idx: int, bad_policy: str) -> None:
+    """A bad member: raise (policy 'raise') or warn (policy 'skip'; the caller counts it)."""
+    msg = f"{index.shard_urls[int(index.shard[idx])]}:{index.keys[idx]}: {err}"
+    if bad_policy == "raise":
+        raise SchemaError(f"{msg} (set data.bad_sample_policy='skip' to count and skip bad samples)") from None
+    log.warning("skipping bad sample: %s", msg)
 
 
-def fast_decode(data: bytes, index: DomainIndex, idx: int) -> Sample:
-    """Decode a member's arrays without its metadata: key, domain and graph options come from the index and
-    the manifest (whose format version was checked). Same safetensors layout as :func:`decode_sample`, a
-    third of its cost; arrays are read-only views on ``data``. Raises SchemaError on malformed bytes."""
-    if len(data) < 8:
-        raise SchemaError(f"member is {len(data)} bytes, too short for a safetensors header")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise SchemaError(f"safetensors header claims {n} bytes but the member has {len(data) - 8}")
-    try:
-        header = json.loads(data[8 : 8 + n].decode())
-        arrays = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            lo, hi = info["data_offsets"]
-            dt = _ST_DTYPES[info["dtype"]]
-            shape = info["shape"]
-            count = math.prod(shape)
-            if hi - lo != count * dt.itemsize or 8 + n + hi > len(data):
-                raise SchemaError(f"array {name!r} has {hi - lo} bytes for shape {shape} {dt}")
-            arrays[name] = np.frombuffer(data, dt, count, 8 + n + lo).reshape(shape)
-        s = Sample(
-            key=index.keys[idx], domain=index.name, z=arrays["z"], pos=arrays["pos"], bonds=arrays["bonds"],
-            bond_order=arrays["bond_order"], edges=arrays["edges"], radius_A=index.radius_A,
-            max_neighbors=index.max_neighbors, res_index=arrays.get("res_index"), chain=arrays.get("chain"),
-            atom_name=arrays.get("atom_name"),
-        )
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, SchemaError):
-            raise
-        raise SchemaError(f"malformed safetensors member ({type(e).__name__}: {e})") from None
-    na = s.z.shape[0]
-    if na != int(index.num_atoms[idx]) or s.pos.shape != (na, 3):
-        raise SchemaError(
-            f"member has {na} atoms (pos {s.pos.shape}) but the index says {int(index.num_atoms[idx])}; "
-            "the index does not match the shard"
-        )
-    return s
+def decode_run(datas: list[bytes | None], index: DomainIndex, ids: np.ndarray, bad_policy: str,
+               verify: bool = True) -> list[Sample | None]:
+    """Decode the members of one read (sample ids ``ids`` of ``index``): each checked against the index's crc32
+    (when ``verify``) and atom count, and validated against the schema (:func:`pipeline.schema.decode_many`: headers
+    per member, values once per block). Key, domain and graph options come from the index and the manifest (whose
+    format version was checked). A bad member raises (policy 'raise') or comes back as None (policy 'skip',
+    counted by the caller), as do members without bytes (``datas[k] is None``: an unreadable shard, reported)."""
+    ids_l = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+    errors: list[SchemaError | None] = [None] * len(datas)
+    todo = list(datas)
+    if verify and index.crc32 is not None:
+        for k, (d, want) in enumerate(zip(datas, index.crc32[ids_l].tolist(), strict=True)):
+            if d is not None and zlib.crc32(d) != want:
+                errors[k] = SchemaError(
+                    f"crc32 {zlib.crc32(d):#010x} does not match the index's {want:#010x}: "
+                    "the member is corrupt (re-fetch or re-convert the shard)"
+                )
+                todo[k] = None
+    out: list[Sample | None] = []
+    na = index.num_atoms[ids_l].tolist()
+    for k, (i, a) in enumerate(zip(ids_l, decode_many(todo), strict=True)):
+        err = a if isinstance(a, SchemaError) else errors[k]
+        if err is None and a is not None and len(a["z"]) != na[k]:
+            err = SchemaError(f"member has {len(a['z'])} atoms but the index says {na[k]}; "
+                              "the index does not match the shard")
+        if err is not None:
+            _reject(err, index, i, bad_policy)
+            out.append(None)
+        elif a is None:
+            out.append(None)
+        else:
+            out.append(Sample(
+                key=index.keys[i], domain=index.name, z=a["z"], pos=a["pos"], bonds=a["bonds"],
+                bond_order=a["bond_order"], edges=a["edges"], radius_A=index.radius_A,
+                max_neighbors=index.max_neighbors, res_index=a.get("res_index"), chain=a.get("chain"),
+                atom_name=a.get("atom_name"),
+            ))
+    return out
 
 
 def decode_member(data: bytes, index: DomainIndex, idx: int, bad_policy: str, verify: bool = True) -> Sample | None:
-    """Decode one member (checked against the index's crc32 when ``verify``); a bad one raises (policy
-    'raise') or returns None (policy 'skip', counted by the caller)."""
-    try:
-        if verify and index.crc32 is not None and zlib.crc32(data) != int(index.crc32[idx]):
-            raise SchemaError(
-                f"crc32 {zlib.crc32(data):#010x} does not match the index's {int(index.crc32[idx]):#010x}: "
-                "the member is corrupt (re-fetch or re-convert the shard)"
-            )
-        return fast_decode(data, index, idx)
-    except SchemaError as e:
-        where = f"{index.shard_urls[int(index.shard[idx])]}:{index.keys[idx]}"
-        msg = f"{where}: {e}"
-        if bad_policy == "raise":
-            raise SchemaError(f"{msg} (set data.bad_sample_policy='skip' to count and skip bad samples)") from None
-        log.warning("skipping bad sample: %s", msg)
-        return None
+    """:func:`decode_run` of one member."""
+    return decode_run([data], index, np.array([idx]), bad_policy, verify)[0]
 
 
 class DomainSource:
@@ -231,10 +217,9 @@ class DomainSource:
         ids = self._piece[lo:hi]
         datas = self.fetcher.read_run(ids)
         ix = self.index
-        for k, (i, data) in enumerate(zip(ids.tolist(), datas, strict=True)):
-            s = None if data is None else decode_member(data, ix, i, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
-            nbytes = 0 if data is None else len(data)
-            self._ready.append((lo + k, Item(self.d, self.pass_, i, s, nbytes, 2 * int(ix.num_edges[i]))))
+        samples = decode_run(datas, ix, ids, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
+        for k, (i, data, s, e) in enumerate(zip(ids.tolist(), datas, samples, ix.num_edges[ids].tolist(), strict=True)):
+            self._ready.append((lo + k, Item(self.d, self.pass_, i, s, 0 if data is None else len(data), 2 * e)))
         self._next_read = hi
 
     def __iter__(self) -> Iterator[Item]:
@@ -248,7 +233,8 @@ class DomainSource:
             _, it = self._ready.popleft()
             if it.sample is not None:
                 return it
-            self.counters[self.d, _C["bad"]] += 1
+            if it.pass_ == 0:  # each pass partitions the samples over all slots: count every bad sample once
+                self.counters[self.d, _C["bad"]] += 1
             bad_in_a_row += 1
             if bad_in_a_row > len(self.index):  # more than a whole pass of this slot: would never return
                 raise storage.StorageError(
@@ -271,9 +257,9 @@ class DomainSource:
         order = np.argsort(ids, kind="stable")
         got: dict[int, Item | None] = {}
         for run in self.fetcher.runs(np.unique(ids[order])):
-            for i, data in zip(run.tolist(), self.fetcher.read_run(run), strict=True):
-                s = None if data is None else decode_member(data, self.index, i, self.cfg.bad_sample_policy,
-                                                            self.cfg.verify_crc32)
+            datas = self.fetcher.read_run(run)
+            samples = decode_run(datas, self.index, run, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
+            for i, data, s in zip(run.tolist(), datas, samples, strict=True):
                 got[i] = None if s is None else Item(self.d, 0, i, s, len(data), 2 * int(self.index.num_edges[i]))
         out = []
         for p, i in pass_ids:

@@ -42,6 +42,7 @@ split, the samples of all its shards in order form one global permutation (seede
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -227,10 +228,224 @@ def decode_sample(data: bytes, where: str = "sample") -> Sample:
         )
     except KeyError as e:
         raise SchemaError(f"{where}: missing field {e.args[0]!r}") from None
-    n = s.z.shape[0]
-    if s.pos.shape != (n, 3):
-        raise SchemaError(f"{where}: pos has shape {s.pos.shape}, expected ({n}, 3)")
+    try:
+        validate_sample(s)
+    except SchemaError as e:
+        raise SchemaError(f"{where}: {e}") from None
     return s
+
+
+ARRAY_SCHEMA = {
+    "z": (np.dtype(np.uint8), ("N",)),
+    "pos": (np.dtype(np.float32), ("N", 3)),
+    "bonds": (np.dtype(np.int32), ("B", 2)),
+    "bond_order": (np.dtype(np.uint8), ("B",)),
+    "edges": (np.dtype(np.int32), ("E", 2)),
+    "res_index": (np.dtype(np.int32), ("N",)),
+    "chain": (np.dtype(np.uint16), ("N",)),
+    "atom_name": (np.dtype(np.uint8), ("N", 4)),
+}
+"""Exact dtype and shape (symbols: atoms N, bonds B, pairs E) of every array a member may hold."""
+
+REQUIRED_ARRAYS = ("z", "pos", "bonds", "bond_order", "edges")
+MAX_Z = 118
+MAX_BOND_ORDER = BOND_AROMATIC
+
+
+def check_structure(arrays: dict[str, np.ndarray]) -> int:
+    """Exact dtypes and shapes (:data:`ARRAY_SCHEMA`, no unknown names), at least one atom; returns N."""
+    for name in REQUIRED_ARRAYS:
+        if name not in arrays:
+            raise SchemaError(f"array {name!r} is missing")
+    dims: dict[str, int] = {}
+    for name, a in arrays.items():
+        spec = ARRAY_SCHEMA.get(name)
+        if spec is None:
+            raise SchemaError(f"unknown array {name!r}; this reader knows {sorted(ARRAY_SCHEMA)}")
+        dtype, shape = spec
+        if a.dtype != dtype:
+            raise SchemaError(f"array {name!r} has dtype {a.dtype}, the schema says {dtype}")
+        if a.ndim != len(shape):
+            raise SchemaError(f"array {name!r} has shape {a.shape}, the schema says {shape}")
+        for sym, got in zip(shape, a.shape, strict=True):
+            want = dims.setdefault(sym, got) if isinstance(sym, str) else sym
+            if got != want:
+                raise SchemaError(f"array {name!r} has shape {a.shape}, the schema says {shape} with {sym}={want}")
+    if dims["N"] == 0:
+        raise SchemaError("sample has no atoms")
+    return dims["N"]
+
+
+def check_values(arrays: dict[str, np.ndarray]) -> None:
+    """Atomic numbers in 1..118, finite coordinates, bond and pair indices in ``0..N-1`` with ``i < j``, bond
+    orders 0..4 (arrays already passed :func:`check_structure`); raises :class:`SchemaError` naming the value."""
+    z = arrays["z"]
+    n = len(z)
+    if z.min() < 1 or z.max() > MAX_Z:
+        bad = int(z[(z < 1) | (z > MAX_Z)][0])
+        raise SchemaError(f"atomic number {bad} outside 1..{MAX_Z}")
+    if not np.isfinite(arrays["pos"].sum(dtype=np.float64)):  # NaN and inf propagate; float32 values cannot overflow
+        raise SchemaError("coordinates are not all finite (NaN or inf)")
+    for name in ("bonds", "edges"):
+        p = arrays[name]
+        if len(p) == 0:
+            continue
+        if p.view(np.uint32).max() >= n:  # negative indices wrap to huge unsigned values
+            bad = int(p[(p < 0) | (p >= n)][0])
+            raise SchemaError(f"{name} index {bad} outside 0..{n - 1} (the sample has {n} atoms)")
+        if not (p[:, 0] < p[:, 1]).all():
+            k = int(np.flatnonzero(p[:, 0] >= p[:, 1])[0])
+            raise SchemaError(f"{name} pair {k} is {p[k].tolist()}, the schema stores each pair once with i < j")
+    bo = arrays["bond_order"]
+    if len(bo) and bo.max() > MAX_BOND_ORDER:
+        raise SchemaError(f"bond order {int(bo.max())} outside 0..{MAX_BOND_ORDER}")
+
+
+def _values_ok(many: list[dict[str, np.ndarray]]) -> bool:
+    """:func:`check_values` of many samples at once (concatenated arrays, a fixed number of numpy calls)."""
+    z = np.concatenate([a["z"] for a in many])
+    if z.min() < 1 or z.max() > MAX_Z:
+        return False
+    if not np.isfinite(np.concatenate([a["pos"] for a in many]).sum(dtype=np.float64)):
+        return False
+    n = np.fromiter((len(a["z"]) for a in many), np.int64, len(many))
+    for name in ("bonds", "edges"):
+        p = np.concatenate([a[name] for a in many])
+        if len(p) == 0:
+            continue
+        lim = np.repeat(n, np.fromiter((len(a[name]) for a in many), np.int64, len(many)))
+        if (p.view(np.uint32) >= lim[:, None]).any() or (p[:, 0] >= p[:, 1]).any():
+            return False
+    bo = np.concatenate([a["bond_order"] for a in many])
+    return not (len(bo) and bo.max() > MAX_BOND_ORDER)
+
+
+def validate_arrays(arrays: dict[str, np.ndarray]) -> None:
+    """Check a member's arrays against the schema (:func:`check_structure`, then :func:`check_values`); raises
+    :class:`SchemaError` naming what is wrong and the value seen. Vectorised: a handful of numpy reductions."""
+    check_structure(arrays)
+    check_values(arrays)
+
+
+def validate_sample(s: Sample) -> None:
+    """:func:`validate_arrays` on a decoded sample, and its chain indices against its chains
+    (``inspect --verify`` and :func:`decode_sample` call it)."""
+    arrays = {"z": s.z, "pos": s.pos, "bonds": s.bonds, "bond_order": s.bond_order, "edges": s.edges}
+    for name in ("res_index", "chain", "atom_name"):
+        if getattr(s, name) is not None:
+            arrays[name] = getattr(s, name)
+    validate_arrays(arrays)
+    if s.chain is not None and len(s.chain) and int(s.chain.max()) >= max(len(s.chains), 1):
+        raise SchemaError(f"chain index {int(s.chain.max())} outside the {len(s.chains)} chains listed")
+
+
+_ST_DTYPES = {"U8": np.uint8, "I32": np.int32, "F32": np.float32, "U16": np.uint16, "I64": np.int64,
+              "F64": np.float64, "I16": np.int16, "I8": np.int8, "U32": np.uint32, "F16": np.float16}
+_ST_DTYPES = {k: np.dtype(v) for k, v in _ST_DTYPES.items()}
+
+
+_ST_CODES = {"U8": np.dtype(np.uint8), "I32": np.dtype(np.int32), "F32": np.dtype(np.float32),
+             "U16": np.dtype(np.uint16)}
+_SPEC = {name: (next(c for c, d in _ST_CODES.items() if d == dt), dt, shape) for name, (dt, shape) in ARRAY_SCHEMA.items()}
+
+
+def _parse_member(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of one member as views on ``data``; structure checked as :func:`check_structure` does (on the
+    header, before any array is made), values not. Every byte range must be non-negative, inside the member, of
+    exactly its shape's size, and not overlap another."""
+    if len(data) < 8:
+        raise SchemaError(f"member is {len(data)} bytes, too short for a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise SchemaError(f"safetensors header claims {n} bytes but the member has {len(data) - 8}")
+    base, avail = 8 + n, len(data) - 8 - n
+    try:
+        header = json.loads(data[8:base])
+        arrays, spans, dims = {}, [], {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            spec = _SPEC.get(name)
+            if spec is None:
+                raise SchemaError(f"unknown array {name!r}; this reader knows {sorted(ARRAY_SCHEMA)}")
+            code, dt, syms = spec
+            shape = info["shape"]
+            if info["dtype"] != code:
+                got = _ST_DTYPES.get(info["dtype"], info["dtype"])
+                raise SchemaError(f"array {name!r} has dtype {got}, the schema says {dt}")
+            if len(shape) != len(syms):
+                raise SchemaError(f"array {name!r} has shape {tuple(shape)}, the schema says {syms}")
+            for sym, got in zip(syms, shape, strict=True):
+                want = dims.setdefault(sym, got) if sym.__class__ is str else sym
+                if got != want or got.__class__ is not int or got < 0:
+                    raise SchemaError(f"array {name!r} has shape {tuple(shape)}, the schema says {syms} with {sym}={want}")
+            lo, hi = info["data_offsets"]
+            if not (lo.__class__ is int and hi.__class__ is int and 0 <= lo <= hi <= avail):
+                raise SchemaError(f"array {name!r} has byte range {lo}..{hi} outside the member's {avail} data bytes")
+            count = math.prod(shape)
+            if hi - lo != count * dt.itemsize:
+                raise SchemaError(f"array {name!r} has {hi - lo} bytes for shape {shape} {dt}")
+            arrays[name] = np.frombuffer(data, dt, count, base + lo).reshape(shape)
+            spans.append((lo, hi))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, SchemaError):
+            raise
+        raise SchemaError(f"malformed safetensors member ({type(e).__name__}: {e})") from None
+    if len(arrays) < len(REQUIRED_ARRAYS) or any(r not in arrays for r in REQUIRED_ARRAYS):
+        raise SchemaError(f"arrays {[r for r in REQUIRED_ARRAYS if r not in arrays]} are missing")
+    if dims["N"] == 0:
+        raise SchemaError("sample has no atoms")
+    spans.sort()
+    end = 0
+    for lo, hi in spans:
+        if lo < end and hi > lo:
+            raise SchemaError(f"two arrays share bytes {lo}..{min(end, hi)} of the member (overlapping offsets)")
+        end = max(end, hi)
+    return arrays
+
+
+def decode_many(datas: list[bytes | None]) -> list[dict[str, np.ndarray] | SchemaError | None]:
+    """Decode and validate the members of one read (a block of a shard): for each, its arrays (read-only views on
+    its bytes), or the :class:`SchemaError` that rejects it, or None where no bytes came (``datas[k] is None``).
+
+    Headers are parsed per member; values are validated once for the whole block (concatenated arrays), and
+    member by member only when the block fails, to name the bad ones. Never unpickles.
+    """
+    out: list = []
+    for d in datas:
+        if d is None:
+            out.append(None)
+            continue
+        try:
+            out.append(_parse_member(d))
+        except SchemaError as e:
+            out.append(e)
+    small = [a for a in out if isinstance(a, dict) and len(a["z"]) <= BLOCK_CHECK_MAX_ATOMS]
+    block_ok = not small or _values_ok(small)
+    for k, a in enumerate(out):
+        if isinstance(a, dict) and (not block_ok or len(a["z"]) > BLOCK_CHECK_MAX_ATOMS):
+            try:
+                check_values(a)
+            except SchemaError as e:
+                out[k] = e
+    return out
+
+
+BLOCK_CHECK_MAX_ATOMS = 512
+"""Samples up to this many atoms are value-checked together per block (concatenated); larger ones one by one
+(their own reductions already amortise the per-call cost, and concatenating them would copy their bytes)."""
+
+
+def decode_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of one member without its metadata, validated (:func:`validate_arrays`); never unpickles.
+
+    Parses the safetensors header itself (a third of ``safetensors.numpy.load``'s cost): every array's byte
+    range must be non-negative, inside the member, of exactly its shape's size, and not overlap another.
+    Arrays are read-only views on ``data``. Raises :class:`SchemaError` on anything malformed.
+    """
+    arrays = _parse_member(data)
+    check_values(arrays)
+    return arrays
 
 
 def split_member_name(name: str) -> tuple[str, str]:

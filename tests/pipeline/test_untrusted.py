@@ -1,0 +1,347 @@
+"""Shards and indexes are untrusted (issue 12): crafted bad members and index rows, made from the demo shards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.index import load_domain_index
+from pipeline.loader import TrainLoader, eval_loader, resolve
+from pipeline.schema import SchemaError, decode_arrays, encode_sample
+from shards_tools.inspect import main as inspect_main
+from tests.pipeline.helpers import config
+
+DOMAIN = "metabolite"
+
+
+def _member_arrays(data: bytes) -> tuple[int, dict]:
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    return 8 + n, {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def patch_member(root, domain: str, row: int, array: str, element: int, raw: bytes) -> str:
+    """Overwrite bytes of one array of a member in place, then fix the index's crc32 and the manifest's sha256,
+    so that only the schema validation can catch the damage. Returns the sample's key."""
+    ix = load_domain_index(str(root), domain, "train")
+    shard, off, size = ix.shard_urls[int(ix.shard[row])], int(ix.offset[row]), int(ix.size[row])
+    with open(shard, "r+b") as f:
+        f.seek(off)
+        data = bytearray(f.read(size))
+        base, arrays = _member_arrays(bytes(data))
+        lo = base + arrays[array]["data_offsets"][0] + element
+        data[lo : lo + len(raw)] = raw
+        f.seek(off)
+        f.write(data)
+    rel = f"index/{domain}.parquet"
+    t = pq.read_table(root / rel)
+    crc = t["crc32"].to_numpy().copy()
+    crc[t["key"].to_pylist().index(ix.keys[row])] = zlib.crc32(bytes(data))
+    pq.write_table(t.set_column(t.column_names.index("crc32"), "crc32", pa.array(crc, pa.int64())), root / rel)
+    man = json.loads((root / "manifest.json").read_text())
+    for sh in man["shards"]:
+        if shard.endswith(sh["path"]):
+            sh["sha256"] = hashlib.sha256((root / sh["path"]).read_bytes()).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(man))
+    return ix.keys[row]
+
+
+CORRUPTIONS = {  # name: (array, byte offset inside it, bytes written, message)
+    "nan_pos": ("pos", 4, np.float32(np.nan).tobytes(), "not all finite"),
+    "inf_pos": ("pos", 0, np.float32(np.inf).tobytes(), "not all finite"),
+    "z_0": ("z", 1, b"\x00", "atomic number 0"),
+    "z_200": ("z", 0, b"\xc8", "atomic number 200"),
+    "bond_out_of_range": ("bonds", 4, np.int32(10_000).tobytes(), "bonds index 10000"),
+    "edge_out_of_range": ("edges", 0, np.int32(500).tobytes(), "edges index 500"),
+    "edge_negative": ("edges", 0, np.int32(-1).tobytes(), "edges index -1"),
+}
+
+
+@pytest.fixture(scope="module")
+def corrupted(small_shards, tmp_path_factory):
+    """One copy per corruption kind, the damage in train row 3 of the metabolite domain."""
+    out = {}
+    for name, (array, at, raw, _) in CORRUPTIONS.items():
+        root = tmp_path_factory.mktemp(name) / "root"
+        shutil.copytree(small_shards, root)
+        out[name] = (root, patch_member(root, DOMAIN, 3, array, at, raw))
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_corrupt_values_raise_naming_sample_and_reason(corrupted, kind):
+    root, key = corrupted[kind]
+    cfg = config(root, weights={DOMAIN: 1.0}, max_atoms=3000, train_batches_per_epoch=4)
+    with pytest.raises(SchemaError, match=rf"{key}.*{CORRUPTIONS[kind][3]}"):
+        list(TrainLoader(resolve(cfg)))
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_corrupt_values_skipped_and_counted_once_over_many_passes(corrupted, kind):
+    root, key = corrupted[kind]
+    cfg = config(root, weights={DOMAIN: 1.0}, max_atoms=3000, train_batches_per_epoch=12, bad_sample_policy="skip")
+    loader = TrainLoader(resolve(cfg))
+    seen = [k for b in loader for k in b["keys"]]
+    st = loader.stats()[DOMAIN]
+    assert st["pass"] >= 2  # the bad sample was met in several passes ...
+    assert key not in seen and st["bad"] == 1  # ... and counts once: samples, not read attempts
+    assert len(set(seen)) == len(load_domain_index(str(root), DOMAIN, "train")) - 1
+
+
+def test_inspect_verify_decodes_and_validates_every_sample(corrupted, capsys):
+    root, key = corrupted["bond_out_of_range"]  # bond-only damage: the radius graph is intact
+    assert inspect_main([str(root), "--verify"]) != 0
+    out = capsys.readouterr().out
+    assert "FAILED" in out and key in out and "bonds index 10000" in out
+
+
+def _sample_arrays(small_shards) -> dict:
+    ix = load_domain_index(str(small_shards), DOMAIN, "train")
+    with open(ix.shard_urls[0], "rb") as f:
+        f.seek(int(ix.offset[0]))
+        return {k: v.copy() for k, v in decode_arrays(f.read(int(ix.size[0]))).items()}
+
+
+def _member(arrays: dict) -> bytes:
+    from safetensors.numpy import save
+
+    return save(arrays, metadata={"sample": "{}"})
+
+
+def test_dtypes_must_be_exactly_the_schema(small_shards):
+    a = _sample_arrays(small_shards)
+    decode_arrays(_member(a))  # the real sample is fine
+    wide = dict(a, z=np.full(len(a["z"]), 500, np.int64))  # int64 500 would wrap to 244 as uint8
+    with pytest.raises(SchemaError, match="'z' has dtype int64, the schema says uint8"):
+        decode_arrays(_member(wide))
+    with pytest.raises(SchemaError, match="'pos' has dtype float64"):
+        decode_arrays(_member(dict(a, pos=a["pos"].astype(np.float64))))
+    with pytest.raises(SchemaError, match="'bonds' has shape"):
+        decode_arrays(_member(dict(a, bonds=a["bonds"][:, :1].copy())))
+    with pytest.raises(SchemaError, match="'bond_order' has shape"):
+        decode_arrays(_member(dict(a, bond_order=a["bond_order"][:-1].copy())))
+    with pytest.raises(SchemaError, match="unknown array 'extra'"):
+        decode_arrays(_member(dict(a, extra=np.zeros(3, np.uint8))))
+    with pytest.raises(SchemaError, match="i < j"):
+        decode_arrays(_member(dict(a, edges=a["edges"][:, ::-1].copy())))
+
+
+def _with_header(data: bytes, edit) -> bytes:
+    base, arrays = _member_arrays(data)
+    header = json.loads(data[8:base])
+    edit(header)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    return len(h).to_bytes(8, "little") + h + data[base:]
+
+
+def test_array_offsets_must_be_inside_and_not_overlap(small_shards):
+    data = _member(_sample_arrays(small_shards))
+
+    def overlap(h):  # bond_order's bytes moved onto the start of another array of the same size
+        lo, hi = h["bond_order"]["data_offsets"]
+        other = min((v["data_offsets"][0] for k, v in h.items() if k not in ("__metadata__", "bond_order")))
+        h["bond_order"]["data_offsets"] = [other, other + hi - lo]
+
+    def negative(h):
+        lo, hi = h["z"]["data_offsets"]
+        h["z"]["data_offsets"] = [lo - 10**6, hi - 10**6]
+
+    def outside(h):
+        lo, hi = h["z"]["data_offsets"]
+        h["z"]["data_offsets"] = [lo + 10**6, hi + 10**6]
+
+    with pytest.raises(SchemaError, match="overlapping"):
+        decode_arrays(_with_header(data, overlap))
+    for edit in (negative, outside):
+        with pytest.raises(SchemaError, match="byte range"):
+            decode_arrays(_with_header(data, edit))
+
+
+# -- the index ------------------------------------------------------------------------------------------
+def tampered(small_shards, tmp_path, edit_table=None, edit_manifest=None):
+    root = tmp_path / "root"
+    shutil.copytree(small_shards, root)
+    rel = root / "index" / f"{DOMAIN}.parquet"
+    if edit_table is not None:
+        t = pq.read_table(rel)
+        cols = {c: t[c].to_pylist() for c in t.column_names}
+        edit_table(cols)
+        pq.write_table(pa.table(cols, schema=t.schema), rel)
+    if edit_manifest is not None:
+        man = json.loads((root / "manifest.json").read_text())
+        edit_manifest(man)
+        (root / "manifest.json").write_text(json.dumps(man))
+    return root
+
+
+def _set(col, row, value):
+    def edit(cols):
+        cols[col][row] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("shard", 2, "/dev/zero"), r"row 2 .*'/dev/zero' is not a relative path"),
+    (_set("shard", 2, "../outside.tar"), r"row 2 .*'../outside.tar' is not a relative path"),
+    (_set("shard", 2, "metabolite/unlisted-000000.tar"), r"row 2 .*not a 'metabolite' shard listed in the manifest"),
+    (_set("shard", 2, "small_molecule/small_molecule-000000.tar"), r"row 2 .*not a 'metabolite' shard listed"),
+    (_set("offset", 2, -512), r"row 2 .*offset -512 is negative"),
+    (_set("size", 2, 10**12), r"row 2 .*size 1000000000000 is past the end of shard"),
+    (_set("num_atoms", 2, 0), r"row 2 .*num_atoms 0"),
+    (_set("split", 2, "val"), r"row 2 .*split 'val' but its shard"),
+    (_set("offset", 2, None), r"row 2 .*offset is null"),
+])
+def test_bad_index_rows_rejected_at_load_naming_the_row(small_shards, tmp_path, edit, message):
+    root = tampered(small_shards, tmp_path, edit)
+    with pytest.raises(SchemaError, match=message):
+        resolve(config(root, oversize_policy="crop"))
+
+
+def test_overlapping_rows_rejected(small_shards, tmp_path):
+    def edit(cols):
+        rows = [i for i, s in enumerate(cols["shard"]) if s == cols["shard"][0]]
+        cols["offset"][rows[1]] = cols["offset"][rows[0]]
+    with pytest.raises(SchemaError, match="overlap another row's member"):
+        resolve(config(tampered(small_shards, tmp_path, edit), oversize_policy="crop"))
+
+
+def test_duplicate_keys_across_splits_rejected(small_shards, tmp_path):
+    def edit(cols):
+        train = cols["split"].index("train")
+        val = cols["split"].index("val")
+        cols["key"][val] = cols["key"][train]
+    with pytest.raises(SchemaError, match=r"duplicate keys"):
+        resolve(config(tampered(small_shards, tmp_path, edit), oversize_policy="crop"))
+
+
+def test_missing_rows_rejected(small_shards, tmp_path):
+    def edit(cols):
+        for c in cols.values():
+            del c[5]
+    with pytest.raises(SchemaError, match=r"has \d+ rows but the manifest lists \d+ samples of 'metabolite'"):
+        resolve(config(tampered(small_shards, tmp_path, edit), oversize_policy="crop"))
+
+    def shift(man):  # same total, but one shard's rows do not match its manifest entry
+        shards = [sh for sh in man["shards"] if sh["domain"] == DOMAIN]
+        shards[0]["samples"] += 1
+        shards[1]["samples"] -= 1
+    root = tampered(small_shards, tmp_path / "b", edit_manifest=shift)
+    with pytest.raises(SchemaError, match=r"rows for shard .* the manifest says"):
+        resolve(config(root, oversize_policy="crop"))
+
+
+def test_row_count_checked_before_materialising(small_shards, tmp_path, monkeypatch):
+    """Many more rows than the manifest lists (a small file can claim millions): refused from the footer."""
+    root = tmp_path / "root"
+    shutil.copytree(small_shards, root)
+    rel = root / "index" / f"{DOMAIN}.parquet"
+    t = pq.read_table(rel)
+    pq.write_table(pa.concat_tables([t] * 400), rel, compression="zstd")
+    assert rel.stat().st_size < 2 * 1024 * 1024
+
+    def refuse(*a, **k):
+        raise AssertionError("the index was materialised before its row count was checked")
+
+    monkeypatch.setattr(pq.ParquetFile, "read", refuse)
+    monkeypatch.setattr(pq, "read_table", refuse)
+    with pytest.raises(SchemaError, match=rf"has {400 * t.num_rows} rows but the manifest lists {t.num_rows}"):
+        resolve(config(root, oversize_policy="crop"))
+
+
+def test_manifest_shard_paths_must_be_relative_and_sized(small_shards, tmp_path):
+    def absolute(man):
+        man["shards"][0]["path"] = "/etc/passwd"
+    with pytest.raises(SchemaError, match="'/etc/passwd' is not a relative path"):
+        resolve(config(tampered(small_shards, tmp_path, edit_manifest=absolute), oversize_policy="crop"))
+
+    def many(man):
+        sh = next(sh for sh in man["shards"] if sh["domain"] == DOMAIN)
+        sh["samples"] = 20_000_000
+    with pytest.raises(SchemaError, match="20000000 samples cannot fit"):
+        resolve(config(tampered(small_shards, tmp_path / "b", edit_manifest=many), oversize_policy="crop"))
+
+
+# -- budgets ---------------------------------------------------------------------------------------------
+def test_max_edges_below_every_molecule_with_skip_is_the_max_atoms_error(small_shards):
+    def err(**kw):
+        with pytest.raises(ValueError) as e:
+            resolve(config(small_shards, weights={DOMAIN: 1.0}, oversize_policy="skip", **kw))
+        return str(e.value)
+
+    by_atoms = err(max_atoms=1)
+    by_edges = err(max_atoms=25_000, max_edges=1)
+    assert "no training samples" in by_atoms and by_edges == by_atoms
+
+
+@pytest.mark.timeout(120)
+def test_packer_never_loops_when_nothing_fits(small_shards):
+    """Past resolve()'s check (a stream built directly): the packer raises instead of skipping forever."""
+    from pipeline.packer import OversizeError
+    from pipeline.stream import train_stream
+
+    res = resolve(config(small_shards, weights={DOMAIN: 1.0}, oversize_policy="skip"))
+    cfg = config(small_shards, weights={DOMAIN: 1.0}, oversize_policy="skip", max_edges=1)
+    st = train_stream(cfg, res.train, res.sample_probs, res.batch_probs, 0, 1)
+    with pytest.raises(OversizeError, match="nothing fits the budget"):
+        st.next_items()
+
+
+def test_max_edges_with_crop_applies_to_eval(small_shards):
+    cfg = config(small_shards, max_atoms=4000, max_edges=3000, oversize_policy="crop")
+    res = resolve(cfg)
+    assert any((2 * ix.num_edges > 3000).any() for ix in res.val)  # some val samples need an edge crop
+    expected = sorted(k for ix in res.val for k in ix.keys.tolist())
+    batches = list(eval_loader(res, "val"))
+    assert sorted(k for b in batches for k in b["keys"]) == expected
+    for b in batches:
+        assert b.num_nodes <= 4000
+        assert b.stats["edges"] <= 3000
+
+
+def test_crafted_member_roundtrip_is_valid(small_shards):
+    """encode_sample output always passes validation (the writer and the reader agree on the schema)."""
+    from pipeline.schema import decode_sample
+
+    ix = load_domain_index(str(small_shards), DOMAIN, "train")
+    with open(ix.shard_urls[0], "rb") as f:
+        f.seek(int(ix.offset[0]))
+        s = decode_sample(f.read(int(ix.size[0])))
+    decode_arrays(encode_sample(s))
+
+
+def test_block_validation_names_each_bad_member_small_and_large(small_shards):
+    """decode_many checks small samples together and large ones alone: in a mixed block exactly the bad ones fail."""
+    from pipeline.schema import BLOCK_CHECK_MAX_ATOMS, decode_many
+
+    def members(domain, n):
+        ix = load_domain_index(str(small_shards), domain, "train")
+        out = []
+        with open(ix.shard_urls[0], "rb") as f:
+            for i in range(n):
+                f.seek(int(ix.offset[i]))
+                out.append(bytearray(f.read(int(ix.size[i]))))
+        return ix, out
+
+    pix, big = members("protein", 2)
+    _, small = members(DOMAIN, 3)
+    assert (pix.num_atoms[:2] > BLOCK_CHECK_MAX_ATOMS).all()
+
+    def smash(data, array, raw):
+        base, arrays = _member_arrays(bytes(data))
+        lo = base + arrays[array]["data_offsets"][0]
+        data[lo : lo + len(raw)] = raw
+        return bytes(data)
+
+    block = [bytes(small[0]), smash(big[0], "z", b"\x00"), None, smash(small[1], "pos", np.float32(np.nan).tobytes()),
+             bytes(big[1]), bytes(small[2])]
+    got = decode_many(block)
+    assert [type(g).__name__ for g in got] == ["dict", "SchemaError", "NoneType", "SchemaError", "dict", "dict"]
+    assert "atomic number 0" in str(got[1]) and "not all finite" in str(got[3])
