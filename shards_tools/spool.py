@@ -112,10 +112,10 @@ def to_sample(s: Structure, rel: str, domain: str, fmt: str, opt: ConvertOptions
     else:
         bonds = np.asarray(s.bonds, np.int64).reshape(-1, 2)
         order = np.asarray(s.bond_order if s.bond_order is not None else np.zeros(len(bonds)), np.uint8)
-    if len(bonds):  # canonical: i < j, sorted, unique
+    if len(bonds):  # canonical: i < j, sorted, unique (i * N + j orders pairs as (i, j) does)
         bonds = np.sort(bonds, axis=1)
-        bonds, first = np.unique(bonds, axis=0, return_index=True)
-        order = order[first]
+        code, first = np.unique(bonds[:, 0] * len(z) + bonds[:, 1], return_index=True)
+        bonds, order = np.stack([code // len(z), code % len(z)], axis=1), order[first]
     source_id = f"{rel}#{s.record}"
     return Sample(
         key=make_key(s.mol_id, source_id),
