@@ -39,6 +39,11 @@ class Rejection:
         return {"file": self.source, "record": self.record, "reason": self.reason}
 
 
+MAX_COORD_A = 1e6
+"""Coordinates at or beyond this magnitude (Å) are refused: nothing real is that far out, and float32
+(what shards store) overflows to inf past 3.4e38."""
+
+
 def validate(s: Structure, max_atoms: int | None) -> str | None:
     """Return why ``s`` cannot be converted, or ``None`` when it is fine."""
     z, pos = np.asarray(s.z), np.asarray(s.pos)
@@ -53,10 +58,11 @@ def validate(s: Structure, max_atoms: int | None) -> str | None:
     if bad_z.any():
         i = int(np.argmax(bad_z))
         return f"unknown element: atomic number {int(z[i])} at atom {i} (valid 1..118)"
-    finite = np.isfinite(pos).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        finite = (np.abs(pos) < MAX_COORD_A).all(axis=1)  # False for NaN and inf too
     if not finite.all():
         i = int(np.argmin(finite))
-        return f"non-finite coordinates at atom {i}: {pos[i].tolist()}"
+        return f"non-finite or out-of-range coordinates at atom {i} (|x| must be below {MAX_COORD_A:g} Å)"
     if max_atoms is not None and n > max_atoms:
         return f"{n} atoms exceed --max-atoms {max_atoms}"
     if s.bonds is not None and len(s.bonds):

@@ -1,6 +1,6 @@
 """Phase 2 of a conversion: spooled samples -> shuffled tar shards, Parquet indices, manifest.
 
-Pure planning (:func:`assign_split`, :func:`plan_shards`) is separate from the writing. Every file is
+Pure planning (:func:`plan_shards`; splits: :mod:`shards_tools.splits`) is separate from the writing. Every file is
 written under a temporary name and renamed; the manifest is written last, so an interrupted run never
 leaves output that looks complete.
 """
@@ -24,16 +24,6 @@ import pyarrow.parquet as pq
 from pipeline.schema import FORMAT_VERSION, INDEX_DIR, MEMBER_EXT, REJECTED_NAME, SPLITS
 
 TAR_BLOCK = 512
-
-
-def assign_split(key: str, val_fraction: float, test_fraction: float) -> str:
-    """A stable split from the key alone, so adding data never moves existing samples between splits."""
-    u = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
 
 
 def member_bytes(size: int) -> int:

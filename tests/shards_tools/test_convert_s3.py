@@ -29,7 +29,8 @@ def test_convert_to_s3_uploads_manifest_last_and_verifies(tmp_path, demo_raw):
                    AWS_EC2_METADATA_DISABLED="true")
         url = "s3://shards/demo/v1"
         r = subprocess.run([sys.executable, "-m", "shards_tools.convert", str(tmp_path / "raw"), url,
-                            "--staging", str(tmp_path / "staging"), "--no-progress", "--shard-size-mb", "0.3"],
+                            "--staging", str(tmp_path / "staging"), "--no-progress", "--shard-size-mb", "0.3",
+                            "--keep-work"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
         assert r.returncode == 0, r.stderr
         man = json.loads(client.get_object(Bucket="shards", Key="demo/v1/manifest.json")["Body"].read())
