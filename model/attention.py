@@ -12,8 +12,10 @@ Backends (all take and return packed tensors; masks are never dropped):
 - ``dense``: the reference. Pads every molecule to the longest one and applies explicit boolean
   masks with plain ``softmax(QKᵀ/√d)·V``; small and obviously correct, quadratic in the longest
   molecule times the number of molecules. Tests compare every other backend to it.
-- ``sparse``: ``M`` is edge-wise (scores on the neighbour list, segment softmax, scatter-add):
-  O(edges), never O(N²). ``S`` and ``P`` group molecules of similar length into buckets (lengths
+- ``sparse``: ``M`` is edge-wise (scores on the neighbour list, segment softmax, scatter-add) in one
+  fused autograd function that keeps only [E, H] probabilities and [N, H, d] tensors for backward
+  and works through the edges in cache-sized chunks: O(E·H + N·D) memory, never O(E·D) or O(N²).
+  ``S`` and ``P`` group molecules of similar length into buckets (lengths
   within a factor 1.25) and call PyTorch SDPA on each bucket with a key-padding mask: padding waste
   is bounded and no cross-molecule score is ever computed.
 - ``flash``: flash-attn's varlen kernel for ``S`` and ``P`` (packed atoms, ``cu_seqlens``, no
@@ -23,7 +25,7 @@ Backends (all take and return packed tensors; masks are never dropped):
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -38,8 +40,29 @@ BUCKET_RATIO = 1.25
 """Molecules whose lengths are within this factor share an SDPA call in the sparse backend."""
 
 
+@functools.cache
+def _flash_varlen():
+    """flash-attn's varlen function, imported once; ``None`` (with one log line naming the reason) when the
+    package is absent or broken (an ABI-mismatched build raises ImportError/OSError/AttributeError on import)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ModuleNotFoundError as err:
+        if err.name == "flash_attn":  # not installed: the normal case off GPU machines, nothing to say
+            return None
+        log.warning("flash-attn is installed but unusable (%s: %s); using the SDPA path", type(err).__name__, err)
+        return None
+    except (ImportError, OSError, AttributeError, RuntimeError) as err:
+        log.warning("flash-attn is installed but unusable (%s: %s); using the SDPA path", type(err).__name__, err)
+        return None
+    if not callable(flash_attn_varlen_func):
+        log.warning("flash-attn's flash_attn_varlen_func is %r, not a function; using the SDPA path", flash_attn_varlen_func)
+        return None
+    return flash_attn_varlen_func
+
+
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """True when flash-attn and its varlen kernel import (decided once per process)."""
+    return _flash_varlen() is not None
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -60,6 +83,7 @@ class Bucket:
 
     graphs: Tensor  # long [b]: graph ids
     index: Tensor  # long [b, L]: packed atom index, N (a zero row) at padding
+    gather: Tensor  # long [b, L]: packed atom index, the molecule's first atom at padding
     valid: Tensor  # bool [b, L]
     length: int
 
@@ -126,7 +150,8 @@ def _make_buckets(counts: list[int], ptr: Tensor, n: int) -> list[Bucket]:
         cnt = (ptr[gid + 1] - ptr[gid]).unsqueeze(1)  # [b, 1]
         valid = ar.unsqueeze(0) < cnt  # [b, L]
         index = torch.where(valid, ptr[gid].unsqueeze(1) + ar, torch.full_like(valid, n, dtype=torch.long))
-        buckets.append(Bucket(graphs=gid, index=index, valid=valid, length=length))
+        gather = torch.where(valid, index, ptr[gid].unsqueeze(1))
+        buckets.append(Bucket(graphs=gid, index=index, gather=gather, valid=valid, length=length))
     return buckets
 
 
@@ -280,7 +305,7 @@ class _EdgeAttention(torch.autograd.Function):
             dp = torch.einsum("ehd,ehd->eh", go, vs)  # [C, H]
             w = p
             if keep is not None:
-                mk = keep[a:b] * inv_keep
+                mk = keep[a:b].to(acc) * inv_keep  # [C, H]
                 w = p * mk
                 dp = dp * mk
             dv.index_add_(0, s, w.unsqueeze(-1) * go)
@@ -303,9 +328,9 @@ def edge_attention(
 
 
 def _gather_bucket(x: Tensor, b: Bucket) -> Tensor:
-    """[N, H, d] -> [b, H, L, d] with zeros at padding."""
-    xz = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # [N+1, H, d]
-    return xz[b.index].transpose(1, 2)  # [b, H, L, d]
+    """[N, H, d] -> [b, H, L, d]: one gather of the bucket's rows (no copy of the whole input). Padding rows
+    repeat a real atom; they are masked as keys and their query outputs are dropped."""
+    return x[b.gather].transpose(1, 2)  # [b, H, L, d]
 
 
 def bucketed_atoms(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float) -> Tensor:
@@ -338,8 +363,7 @@ def bucketed_pool(seeds: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, 
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, p: float) -> Tensor:
-    from flash_attn import flash_attn_varlen_func
-
+    flash_attn_varlen_func = _flash_varlen()
     dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     out = flash_attn_varlen_func(
         q.to(dt), k.to(dt), v.to(dt), cu_q, cu_k, max_q, max_k, dropout_p=p, softmax_scale=1.0 / math.sqrt(q.shape[-1])
