@@ -249,3 +249,44 @@ def test_cuda_backends_equal_dense(batch, backend):
     seeds = torch.randn(3, 4, 8, device="cuda", dtype=torch.bfloat16)
     ref = attend_pool(seeds.float(), k.float(), v.float(), layout, "dense", 0.0)
     assert rel_err(attend_pool(seeds, k, v, layout, backend, 0.0).float(), ref) <= 2e-2
+
+
+BLOCKED = ("biotite", "rdkit", "bitsandbytes", "webdataset", "boto3", "flash_attn")
+"""Absent from the GPU image. (urllib3 is not blocked: torch-geometric itself imports it through requests,
+so an image with torch-geometric has it; our own use of it, pipeline.http_source, is not on this chain.)"""
+GPU_CHECK_PROBE = """
+import importlib.abc, runpy, sys, torch
+BLOCKED = {blocked!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: the GPU image lacks it)", name=name)
+sys.meta_path.insert(0, Block())
+torch.cuda.is_available = lambda: False
+mod = runpy.run_path({script!r}, run_name="gpu_check_probe")
+rc = mod["main"](["--batches", {folder!r}])
+from benchmarks.batches import collate_samples, load
+errs = mod["kernel_check"](collate_samples(load("check", {folder!r})), ["sparse"], torch.device("cpu"))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+print("RESULT", rc, max(errs.values()), len(errs), loaded)
+"""
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_without_the_packages_the_gpu_image_lacks(tmp_path):
+    """benchmarks/gpu_check.py with biotite/RDKit/bitsandbytes/webdataset/boto3/flash-attn blocked
+    and no CUDA: exits 2 with a clear message, and its whole chain (stored batches -> collate -> M/S/P
+    kernels with edge bias) imports and agrees with the dense reference."""
+    from benchmarks.batches import check_samples, write
+
+    repo = Path(__file__).resolve().parents[2]
+    write(tmp_path / "check.tar", check_samples())
+    code = GPU_CHECK_PROBE.format(blocked=BLOCKED, script=str(repo / "benchmarks" / "gpu_check.py"), folder=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=600,
+                          env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no CUDA device visible" in proc.stdout + proc.stderr
+    result = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")).split(maxsplit=4)
+    assert result[1] == "2", "exit status 2 without CUDA"
+    assert float(result[2]) <= RTOL and int(result[3]) == 4, "sparse M, M with bias, S, P equal dense on CPU"
+    assert result[4] == "[]", f"blocked modules were imported: {result[4]}"
