@@ -108,7 +108,7 @@ def worker(args) -> dict:
         backend = "sparse"
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tasks = TasksConfig()
-    net = MolecularESA(ModelConfig(), tasks).train()
+    net = MolecularESA(ModelConfig(num_heads=args.heads), tasks).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     weights = {t: tasks.weight(t) for t in tasks.tasks}
     train_step(net, opt, batch, backend, weights)  # warm-up
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-dense", action="store_true", help="skip the baseline (for batches the dense one cannot fit)")
     ap.add_argument("--batch", default="demo", choices=["demo", "eval25k", "check"],
                     help="demo: built from --proteins/--small/--metabolites; eval25k/check: from benchmarks/batches.py")
+    ap.add_argument("--heads", type=int, default=16, help="attention heads (width 256: 16 heads = head_dim 16)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     for backend in [args.backend] + ([] if args.no_dense else [args.baseline]):
         cmd = [sys.executable, __file__, "--worker", backend, "--proteins", str(args.proteins), "--small",
                str(args.small), "--metabolites", str(args.metabolites), "--steps", str(args.steps),
-               "--threads", str(args.threads), "--batch", args.batch]
+               "--threads", str(args.threads), "--batch", args.batch, "--heads", str(args.heads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if proc.returncode != 0:
             log.error("backend %s failed (exit %d): %s", backend, proc.returncode, proc.stderr[-2000:])
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "model_step",
         "device": "cpu",
         "threads": args.threads,
-        "model": "ModelConfig() defaults: M S M S M S P, dim 256, 16 heads",
+        "model": f"M S M S M S P, dim 256, {args.heads} heads",
         "batch": args.batch,
         "atoms": chosen["atoms"],
         "edges": chosen["edges"],
