@@ -1,19 +1,27 @@
 """GPU check: every attention backend agrees with the dense reference on CUDA, then time them.
 
 1. Kernel check: random bf16 q/k/v on a real mixed batch (proteins, QM9, metabolites, a 1-atom
-   molecule, an isolated atom) through M, S and P attention of each backend, against the dense
-   reference in fp32 (bf16 tolerance).
+   molecule, an isolated atom) through M (with and without a per-edge bias), S and P attention of
+   each backend, against the dense reference in fp32 (bf16 tolerance).
 2. Model check: the whole network under bf16 autocast with each backend vs the dense reference in
    fp32, same weights.
-3. Timing: train steps (forward + backward + AdamW, bf16 autocast) of ``ModelConfig()`` on a
-   ~25k-atom mixed batch for each fast backend, and on the small check batch for all backends
-   including dense (same run). Reports atoms/s, peak GPU memory and an MFU estimate from an
-   analytic FLOP count (matmuls only; train = 3 x forward).
+3. Timing: train steps (forward + backward + AdamW, bf16 autocast) of ``ModelConfig()`` on the
+   seed's worst case (``eval25k``: 24,995 atoms with one 13,434-atom molecule) for each fast backend,
+   and on the small check batch for all backends including dense (same run); then the 25 k step
+   for each ``--heads`` choice (width 256: 16 heads = head_dim 16, which flash kernels pad to 32).
+   Reports atoms/s, peak GPU memory and an MFU estimate from an analytic FLOP count (matmuls only;
+   train = 3 x forward).
 
+Without flash-attn (the test image has none) the backends are ``sparse`` (fused edge kernel for M,
+SDPA per length bucket for S/P) and the dense reference. The batches are read from stored shard
+members (no PDB/SDF parsing, no biotite/RDKit there). Build them here, carry them, run there:
+
+    PYTHONPATH=$PWD python benchmarks/batches.py build/bench_batches      # here (a few MB, ignored by git)
+    PYTHONPATH=$PWD python benchmarks/gpu_check.py --batches build/bench_batches   # on the GPU machine
+
+(device tool: ``run(command="PYTHONPATH=$PWD python benchmarks/gpu_check.py", carry=["build/bench_batches"])``).
 Prints one JSON line; exit status 1 when a check fails, 2 when there is no CUDA device. Finishes in
-well under 5 minutes on one H100.
-
-    python benchmarks/gpu_check.py [--atoms 25000] [--steps 5]
+well under 5 minutes on one H100/H200.
 """
 
 from __future__ import annotations
@@ -29,8 +37,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "data" / "demo" / "raw"
-DOMAINS = ["protein", "small_molecule", "metabolite", "rna"]
 BF16_TOL = 3e-2
 """Max relative error (max |diff| / max |ref|) accepted between a bf16 backend and the fp32 reference."""
 
@@ -38,59 +44,6 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 """Dense bf16 tensor-core peak by device-name substring (SXM figures; PCIe parts are lower)."""
 
 log = logging.getLogger("gpu_check")
-
-
-def read_demo(rel: str, domain: str, limit: int):
-    from shards_tools.spool import read_samples
-
-    return read_samples(DEMO / rel, rel, domain, limit=limit)
-
-
-def edge_case_samples():
-    from pipeline.schema import Sample
-
-    one = Sample(key="one", domain="small_molecule", z=np.array([26], np.uint8), pos=np.zeros((1, 3), np.float32),
-                 bonds=np.zeros((0, 2), np.int32), bond_order=np.zeros(0, np.uint8), edges=np.zeros((0, 2), np.int32),
-                 radius_A=5.0, max_neighbors=64)
-    iso = Sample(key="iso", domain="small_molecule", z=np.array([6, 8, 1], np.uint8),
-                 pos=np.array([[0, 0, 0], [1.1, 0, 0], [20.0, 0, 0]], np.float32), bonds=np.array([[0, 1]], np.int32),
-                 bond_order=np.ones(1, np.uint8), edges=np.array([[0, 1]], np.int32), radius_A=5.0, max_neighbors=64)
-    return [one, iso]
-
-
-def collate_samples(samples, seed: int = 0):
-    from pipeline.collate import CollateOptions, collate
-
-    ids = [DOMAINS.index(s.domain) for s in samples]
-    return collate(samples, ids, CollateOptions(), np.random.default_rng(seed))
-
-
-def check_batch_samples():
-    small = [s for p in ("2xdgA.pdb", "2cviA.pdb") for s in read_demo(f"protein/{p}", "protein", 1)]
-    return (small + read_demo("small_molecule/qm9_sample.xyz", "small_molecule", 30)
-            + read_demo("metabolite/metabolites_ccd_hmdb.sdf", "metabolite", 10) + edge_case_samples())
-
-
-def big_batch_samples(target_atoms: int):
-    """Demo proteins (never the 9.7k-atom one) until ~80 % of the target, then small molecules."""
-    out, n = [], 0
-    for p in sorted((DEMO / "protein").glob("*.pdb")):
-        if n >= 0.8 * target_atoms:
-            break
-        s = read_demo(f"protein/{p.name}", "protein", 1)[0]
-        if s.num_atoms > 5000:
-            continue
-        out.append(s)
-        n += s.num_atoms
-    qm9 = read_demo("small_molecule/qm9_sample.xyz", "small_molecule", 400)
-    met = read_demo("metabolite/metabolites_ccd_hmdb.sdf", "metabolite", 300)
-    for a, b in zip(qm9, met, strict=False):
-        for s in (a, b):
-            if n + s.num_atoms > target_atoms:
-                return out
-            out.append(s)
-            n += s.num_atoms
-    return out
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -131,11 +84,15 @@ def kernel_check(batch, backends, device) -> dict:
     seeds = torch.randn(32, 16, 16, generator=g).to(device)
     lo = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = {}
+    bias = torch.randn(b.edge_index.shape[1], 16, generator=g).to(device)
     for backend in backends:
         for kind in ("M", "S"):
             ref = attend_atoms(q, k, v, kind, layout, "dense", 0.0)
             got = attend_atoms(q.to(lo), k.to(lo), v.to(lo), kind, layout, backend, 0.0)
             out[f"{backend}_{kind}"] = rel_err(got, ref)
+        ref = attend_atoms(q, k, v, "M", layout, "dense", 0.0, edge_bias=bias)
+        got = attend_atoms(q.to(lo), k.to(lo), v.to(lo), "M", layout, backend, 0.0, edge_bias=bias.to(lo))
+        out[f"{backend}_M_bias"] = rel_err(got, ref)
         ref = attend_pool(seeds, k, v, layout, "dense", 0.0)
         out[f"{backend}_P"] = rel_err(attend_pool(seeds.to(lo), k.to(lo), v.to(lo), layout, backend, 0.0), ref)
     return out
@@ -160,12 +117,12 @@ def model_check(batch, backends, device) -> dict:
     return out
 
 
-def time_backend(batch, backend, device, steps: int) -> dict:
+def time_backend(batch, backend, device, steps: int, heads: int = 16) -> dict:
     from model.config import ModelConfig, TasksConfig
     from model.network import MolecularESA
 
     torch.manual_seed(0)
-    cfg, tasks = ModelConfig(), TasksConfig()
+    cfg, tasks = ModelConfig(num_heads=heads), TasksConfig()
     net = MolecularESA(cfg, tasks).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     b = batch.to(device)
@@ -206,7 +163,9 @@ def time_backend(batch, backend, device, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--atoms", type=int, default=25000, help="atoms of the timing batch")
+    ap.add_argument("--batches", type=Path, default=REPO / "build" / "bench_batches",
+                    help="folder written by benchmarks/batches.py (check.tar, eval25k.tar)")
+    ap.add_argument("--heads", default="16,8,4", help="head counts timed on the 25 k batch (width 256)")
     ap.add_argument("--steps", type=int, default=5, help="timed train steps per backend (median reported)")
     ap.add_argument("--device", default="cuda", help="cuda (default); 'cpu' only smoke-tests this script")
     args = ap.parse_args(argv)
@@ -218,19 +177,27 @@ def main(argv: list[str] | None = None) -> int:
         log.error(msg)
         print(json.dumps({"benchmark": "gpu_check", "ok": False, "error": msg}))
         return 2
+    from benchmarks.batches import collate_samples, load
     from model.attention import flash_attn_available
 
     t_start = time.perf_counter()
     backends = ["sparse"] + (["flash"] if device.type == "cuda" and flash_attn_available() else [])
     if "flash" not in backends:
-        log.warning("flash-attn not importable (pip install .[gpu]): checking the sparse backend only")
-    small = collate_samples(check_batch_samples())
+        log.warning("flash-attn not importable (pip install .[gpu]): checking the non-flash (sparse/SDPA) path only")
+    small = collate_samples(load("check", args.batches))
+    big = collate_samples(load("eval25k", args.batches), seed=1)
     errs = kernel_check(small, backends, device) | model_check(small, backends, device)
     ok = all(v <= BF16_TOL for v in errs.values())
     log.info("checks: %s", errs)
     timing_small = {bk: time_backend(small, bk, device, args.steps) for bk in backends + ["dense"]}
-    big = collate_samples(big_batch_samples(args.atoms), seed=1)
+    log.info("small batch: %s", timing_small)
     timing_big = {bk: time_backend(big, bk, device, args.steps) for bk in backends}
+    log.info("eval25k: %s", timing_big)
+    fast = backends[-1]
+    timing_heads = {}
+    for h in (int(x) for x in args.heads.split(",") if x):
+        timing_heads[f"{fast}_heads{h}_dim{256 // h}"] = time_backend(big, fast, device, args.steps, heads=h)
+        log.info("heads %d: %s", h, timing_heads[f"{fast}_heads{h}_dim{256 // h}"])
     line = {
         "benchmark": "gpu_check",
         "ok": ok,
@@ -241,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_rel_err": {k: float(f"{v:.3g}") for k, v in errs.items()},
         "small_batch": {"atoms": small.num_nodes, "molecules": small.num_graphs, **timing_small},
         "big_batch": {"atoms": big.num_nodes, "molecules": big.num_graphs,
-                      "max_atoms_per_molecule": int((big.ptr[1:] - big.ptr[:-1]).max()), **timing_big},
+                      "max_atoms_per_molecule": int((big.ptr[1:] - big.ptr[:-1]).max()),
+                      "edges": int(big.edge_index.shape[1]), **timing_big},
+        "heads_on_eval25k": timing_heads,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     print(json.dumps(line))
