@@ -141,16 +141,24 @@ def _to_padded(x: Tensor, layout: AttentionLayout) -> Tensor:
     return out.transpose(1, 2)  # [G, H, L, d]
 
 
-def _dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> Tensor:
-    """Explicit ``softmax(QKᵀ/√d + mask)·V``; q [B, H, Lq, d], k/v [B, H, Lk, d], mask bool [B, 1|H, Lq, Lk]."""
+def _dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float, bias: Tensor | None = None
+) -> Tensor:
+    """Explicit ``softmax(QKᵀ/√d + bias + mask)·V``; q [B, H, Lq, d], k/v [B, H, Lk, d], mask bool [B, 1|H, Lq, Lk],
+    optional additive bias [B, H, Lq, Lk]."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, Lq, Lk]
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype)
     probs = F.dropout(probs, dropout_p)
     return probs @ v  # [B, H, Lq, d]
 
 
-def dense_atoms(q: Tensor, k: Tensor, v: Tensor, kind: str, layout: AttentionLayout, dropout_p: float) -> Tensor:
+def dense_atoms(
+    q: Tensor, k: Tensor, v: Tensor, kind: str, layout: AttentionLayout, dropout_p: float, nbr_bias: Tensor | None = None
+) -> Tensor:
+    """``nbr_bias`` [E+N, H] (M only): additive logit of each (neighbour or self) pair of the layout."""
     g, lmax = layout.num_graphs, layout.max_count
     dev = q.device
     ar = torch.arange(lmax, device=dev)
@@ -161,9 +169,14 @@ def dense_atoms(q: Tensor, k: Tensor, v: Tensor, kind: str, layout: AttentionLay
         mask = torch.zeros(g, lmax, lmax, dtype=torch.bool, device=dev)
         gid = layout.batch[layout.nbr_dst]
         mask[gid, layout.local[layout.nbr_dst], layout.local[layout.nbr_src]] = True
+    bias = None
+    if kind == "M" and nbr_bias is not None:
+        bias = q.new_zeros(g, lmax, lmax, q.shape[1])  # [G, Lq, Lk, H]
+        bias[gid, layout.local[layout.nbr_dst], layout.local[layout.nbr_src]] = nbr_bias.to(q.dtype)
+        bias = bias.permute(0, 3, 1, 2)  # [G, H, Lq, Lk]
     mask |= torch.eye(lmax, dtype=torch.bool, device=dev).unsqueeze(0) & ~valid.unsqueeze(2)  # padded queries: self
     out = _dense_attention(
-        _to_padded(q, layout), _to_padded(k, layout), _to_padded(v, layout), mask.unsqueeze(1), dropout_p
+        _to_padded(q, layout), _to_padded(k, layout), _to_padded(v, layout), mask.unsqueeze(1), dropout_p, bias
     )  # [G, H, L, d]
     return out.transpose(1, 2)[layout.batch, layout.local]  # [N, H, d]
 
@@ -182,11 +195,16 @@ def dense_pool(seeds: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dro
 # sparse: edge-wise M, length-bucketed SDPA for S and P
 
 
-def edge_attention(q: Tensor, k: Tensor, v: Tensor, src: Tensor, dst: Tensor, dropout_p: float) -> Tensor:
-    """Attention of each query atom ``dst`` over its listed keys ``src``; q/k/v [N, H, d] -> [N, H, d]."""
+def edge_attention(
+    q: Tensor, k: Tensor, v: Tensor, src: Tensor, dst: Tensor, dropout_p: float, bias: Tensor | None = None
+) -> Tensor:
+    """Attention of each query atom ``dst`` over its listed keys ``src``; q/k/v [N, H, d] -> [N, H, d];
+    optional additive logit ``bias`` [E, H] per listed pair."""
     n, h, d = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32, fp64 stays fp64
     scores = (q[dst].to(acc) * k[src].to(acc)).sum(-1) / math.sqrt(d)  # [E, H]
+    if bias is not None:
+        scores = scores + bias.to(acc)
     with torch.no_grad():  # the shift cancels in the softmax: no gradient needed through it
         smax = torch.full((n, h), float("-inf"), device=q.device, dtype=acc).scatter_reduce(
             0, dst.unsqueeze(1).expand(-1, h), scores, reduce="amax", include_self=True
@@ -260,14 +278,26 @@ def flash_pool(seeds: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dro
 # ---------------------------------------------------------------------------------------------
 
 
-def attend_atoms(q: Tensor, k: Tensor, v: Tensor, kind: str, layout: AttentionLayout, backend: str, p: float) -> Tensor:
-    """M or S attention of packed atoms; q/k/v [N, H, d] -> [N, H, d]."""
+def attend_atoms(
+    q: Tensor, k: Tensor, v: Tensor, kind: str, layout: AttentionLayout, backend: str, p: float,
+    edge_bias: Tensor | None = None,
+) -> Tensor:
+    """M or S attention of packed atoms; q/k/v [N, H, d] -> [N, H, d]. ``edge_bias`` [E, H] (M only): additive
+    logit per column of the batch's ``edge_index`` (self pairs get 0)."""
     if layout.num_atoms == 0:
         return torch.zeros_like(q)
+    nbr_bias = None
+    if kind == "M" and edge_bias is not None:
+        if edge_bias.shape[0] + layout.num_atoms != layout.nbr_src.shape[0]:
+            raise ValueError(
+                f"edge_bias has {edge_bias.shape[0]} rows but the layout has {layout.nbr_src.shape[0] - layout.num_atoms} "
+                "edges; give one row per edge_index column (edge_index must hold no self loops)"
+            )
+        nbr_bias = torch.cat([edge_bias, edge_bias.new_zeros(layout.num_atoms, edge_bias.shape[1])])  # [E+N, H]
     if backend == "dense":
-        return dense_atoms(q, k, v, kind, layout, p)
+        return dense_atoms(q, k, v, kind, layout, p, nbr_bias)
     if kind == "M":
-        return edge_attention(q, k, v, layout.nbr_src, layout.nbr_dst, p)
+        return edge_attention(q, k, v, layout.nbr_src, layout.nbr_dst, p, nbr_bias)
     if backend == "flash":
         return flash_atoms(q, k, v, layout, p)
     return bucketed_atoms(q, k, v, layout, p)
@@ -301,11 +331,14 @@ class Attention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim)  # [..., D] -> [..., H, d]
 
-    def forward(self, x: Tensor, kind: str, layout: AttentionLayout, backend: str) -> Tensor:
-        """Self-attention of packed atoms x [N, D] -> [N, D]."""
+    def forward(
+        self, x: Tensor, kind: str, layout: AttentionLayout, backend: str, edge_bias: Tensor | None = None
+    ) -> Tensor:
+        """Self-attention of packed atoms x [N, D] -> [N, D]; ``edge_bias`` [E, H]: optional additive logit per
+        edge (M only)."""
         p = self.attn_dropout if self.training else 0.0
         o = attend_atoms(
-            self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x)), kind, layout, backend, p
+            self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x)), kind, layout, backend, p, edge_bias
         )  # [N, H, d]
         return self.out(o.reshape(x.shape[0], -1))  # [N, D]
 

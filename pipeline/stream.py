@@ -22,7 +22,7 @@ import math
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import BinaryIO
 
 import numpy as np
@@ -635,13 +635,8 @@ def finish(c: dict):
 
 
 def collate_options(cfg: DataConfig) -> CollateOptions:
-    return CollateOptions(
-        radius_A=cfg.radius_A,
-        max_neighbors=cfg.max_neighbors,
-        mask_fraction=cfg.mask_fraction,
-        sr_fraction=cfg.sr_fraction,
-        lr_pairs_per_atom=cfg.lr_pairs_per_atom,
-    )
+    """The collate options of a data config: each CollateOptions field that DataConfig has, from it."""
+    return CollateOptions(**{f.name: getattr(cfg, f.name) for f in fields(CollateOptions) if hasattr(cfg, f.name)})
 
 
 def budget_of(cfg: DataConfig) -> Budget:
