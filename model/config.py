@@ -54,6 +54,8 @@ class ModelConfig:
     """Radius of the 'close neighbour' count and mean distance in Å."""
     rwpe_steps: int = 0
     """Random-walk positional encoding on the covalent-bond graph: number of steps (0 = off)."""
+    distance_bias: bool = False
+    """M blocks add a learned per-head logit bias from each edge's Gaussian distance features (Uni-Mol / Graphormer-3D)."""
     backend: str = "auto"
     """Attention backend: auto (flash on CUDA when flash-attn is installed, else sparse), dense (reference), sparse, flash."""
 
@@ -120,8 +122,11 @@ class TasksConfig:
     """Weight of the masked-atom (element) loss in the total loss."""
     short_range_bins_A: tuple[float, ...] = (0.8, 1.2, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5)
     """Bin boundaries of the short-range task in Å (classes = boundaries + 1)."""
-    long_range_bins_A: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.5, 17.5, 20.0)
-    """Bin boundaries of the long-range task in Å (classes = boundaries + 1)."""
+    long_range_bins_A: tuple[float, ...] = (5.0, 6.2, 7.6, 9.4, 11.7, 14.4, 17.9, 22.1, 27.3, 33.8, 41.8, 51.7, 64.0)
+    """Bin boundaries of the long-range task in Å (classes = boundaries + 1); log-spaced from the radius cutoff
+    (long-range pairs are never input edges) to 64 Å, matching the loader's ``lr_strata_A``."""
+    graph_context: bool = True
+    """Every head also reads its molecule's pooled graph embedding, so the pooling (P) block trains with the tasks."""
     head_hidden: int = 256
     """Hidden width of every task head's MLP (features)."""
     per_domain_every_n_steps: int = 10

@@ -1,11 +1,12 @@
 """Atom encoder: element and period embeddings, a Gaussian basis over neighbour distances, and
 SE(3)-invariant per-atom geometry.
 
-The encoder reads geometry only through the lengths of the edges in ``batch.edge_index`` (the
-loader has already removed the held-out short-range pairs from it) and chemistry only through the
-*masked* atom types, so neither task target can reach the features. Everything it computes is a
-function of interatomic distances and graph degrees: invariant to rotation, translation and atom
-permutation by construction.
+The encoder reads only the batch's input fields (:data:`pipeline.collate.INPUT_FIELDS`): the atom
+types as the loader shows them (masked atoms already replaced by :data:`MASK_TOKEN`), the lengths of
+the edges of ``edge_index`` on the input positions (masked atoms already noised, held-out pairs
+already removed) and the degrees of ``bond_index`` (masked atoms' bonds already removed). No target
+field reaches it. Everything it computes is a function of interatomic distances and graph degrees:
+invariant to rotation, translation and atom permutation by construction.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from model.config import ModelConfig
+from pipeline.collate import MASK_TOKEN
 
 NUM_ELEMENTS = 118
 """Atomic numbers 1..118 are valid elements."""
 PAD_TOKEN = 0
 """Type index of padding (never produced for a real atom)."""
-MASK_TOKEN = NUM_ELEMENTS + 1
-"""Type index that replaces a masked atom's element; distinct from padding and from every element."""
-NUM_TYPES = NUM_ELEMENTS + 2
+NUM_TYPES = MASK_TOKEN + 1
 """Size of the atom-type vocabulary: padding, 118 elements, mask."""
 MASK_PERIOD = 8
 """Period index of a masked atom (real periods are 1..7, padding 0)."""
@@ -40,15 +40,14 @@ def period_of(z: Tensor) -> Tensor:
     return 1 + torch.bucketize(z, _PERIOD_STARTS.to(z.device), right=True)
 
 
-def masked_types(z: Tensor, mlm_mask: Tensor) -> Tensor:
-    """Atom-type indices the model may see: the element, or :data:`MASK_TOKEN` where masked."""
-    if z.numel() and (int(z.min()) < 1 or int(z.max()) > NUM_ELEMENTS):
-        bad = z[(z < 1) | (z > NUM_ELEMENTS)][:5].tolist()
+def check_types(z: Tensor) -> None:
+    """Raise ValueError when the input types hold anything but elements 1..118 and :data:`MASK_TOKEN`."""
+    if z.numel() and (int(z.min()) < 1 or int(z.max()) > MASK_TOKEN):
+        bad = z[(z < 1) | (z > MASK_TOKEN)][:5].tolist()
         raise ValueError(
-            f"batch.z holds atomic numbers {bad} outside 1..{NUM_ELEMENTS}; "
+            f"batch.z holds atom types {bad} outside 1..{NUM_ELEMENTS} (elements) and {MASK_TOKEN} (mask); "
             "the converter must drop or fix such atoms (dummy/unknown elements)"
         )
-    return torch.where(mlm_mask, torch.full_like(z, MASK_TOKEN), z)
 
 
 class GaussianLayer(nn.Module):
@@ -141,10 +140,13 @@ class AtomEncoder(nn.Module):
         n_geo = NUM_GEOMETRY_FEATURES + cfg.rwpe_steps
         self.geometry_proj = nn.Sequential(nn.Linear(n_geo, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
-    def forward(self, z: Tensor, pos: Tensor, mlm_mask: Tensor, edge_index: Tensor, bond_index: Tensor) -> Tensor:
+    def forward(self, z: Tensor, pos: Tensor, edge_index: Tensor, bond_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Atom embeddings [N, D] and the Gaussian features of every edge of ``edge_index`` [E, K]
+        (the M blocks' optional distance bias reads them)."""
         n = z.shape[0]
-        types = masked_types(z, mlm_mask)  # [N]; no masked element survives past this line
-        period = torch.where(mlm_mask, torch.full_like(z, MASK_PERIOD), period_of(z))  # [N]
+        check_types(z)
+        types = z  # [N]: the loader already replaced masked elements by MASK_TOKEN
+        period = torch.where(z == MASK_TOKEN, torch.full_like(z, MASK_PERIOD), period_of(z))  # [N]
         src, dst = edge_index
         dist = (pos[dst] - pos[src]).norm(dim=-1)  # [E] Å
         feats = geometry_features(n, edge_index, dist, bond_index, self.cutoff, self.close)  # [N, 5]
@@ -155,4 +157,5 @@ class AtomEncoder(nn.Module):
         g_sum = torch.zeros(n, g.shape[1], device=g.device, dtype=g.dtype).index_add_(0, dst, g)  # [N, K]
         env_sum = torch.zeros(n, device=g.device, dtype=g.dtype).index_add_(0, dst, env)  # [N]
         g_mean = g_sum / env_sum.clamp(min=1.0).unsqueeze(-1)  # [N, K]
-        return self.type_embed(types) + self.period_embed(period) + self.gaussian_proj(g_mean) + self.geometry_proj(feats)
+        x = self.type_embed(types) + self.period_embed(period) + self.gaussian_proj(g_mean) + self.geometry_proj(feats)
+        return x, g

@@ -30,15 +30,18 @@ class AtomBlock(nn.Module):
         super().__init__()
         self.kind = kind
         self.proj_in = nn.Linear(in_dim, dim) if in_dim != dim else nn.Identity()
+        # M with distance_bias: per-head logit bias of each edge from its Gaussian distance features
+        self.edge_bias = nn.Linear(cfg.num_gaussians, heads) if kind == "M" and cfg.distance_bias else None
         self.norm_attn = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, cfg.attn_dropout)
         self.drop = nn.Dropout(cfg.dropout)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = MLP(dim, cfg.mlp_hidden, cfg.dropout)
 
-    def forward(self, x: Tensor, layout: AttentionLayout, backend: str) -> Tensor:
+    def forward(self, x: Tensor, layout: AttentionLayout, backend: str, edge_feats: Tensor) -> Tensor:
         x = self.proj_in(x)  # [N, D]
-        x = x + self.drop(self.attn(self.norm_attn(x), self.kind, layout, backend))
+        bias = self.edge_bias(edge_feats) if self.edge_bias is not None else None  # [E, H]
+        x = x + self.drop(self.attn(self.norm_attn(x), self.kind, layout, backend, bias))
         return x + self.mlp(self.norm_mlp(x))
 
 
@@ -66,7 +69,10 @@ class PoolingBlock(nn.Module):
 
 
 class ESA(nn.Module):
-    """The backbone: atom blocks, a final norm, and pooling. Returns ``(node [N, D], graph [G, Dg])``."""
+    """The backbone: atom blocks, a final norm, and pooling. Returns ``(node [N, D], graph [G, Dg])``.
+
+    ``edge_feats`` [E, K]: the encoder's Gaussian features of every edge (read by M blocks with a distance bias).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -83,9 +89,9 @@ class ESA(nn.Module):
         self.pool = PoolingBlock(in_dim, dims[-1], heads[-1], cfg) if letters[-1] == "P" else None
         self.graph_dim = dims[-1] if self.pool is not None else in_dim
 
-    def forward(self, x: Tensor, layout: AttentionLayout, backend: str) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, layout: AttentionLayout, backend: str, edge_feats: Tensor) -> tuple[Tensor, Tensor]:
         for block in self.blocks:
-            x = block(x, layout, backend)  # [N, D]
+            x = block(x, layout, backend, edge_feats)  # [N, D]
         node = self.norm(x)  # [N, D]
         if self.pool is not None:
             graph = self.pool(node, layout, backend)  # [G, Dg]

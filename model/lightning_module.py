@@ -131,9 +131,7 @@ class PretrainingModule(L.LightningModule):
         stats, n_atoms = flat[:-1].view_as(stats), flat[-1]
         world = _world_size()
 
-        # No pretraining task reads the graph embeddings; a zero-weighted term gives the pooling block a
-        # (zero) gradient so DDP sees every parameter used without find_unused_parameters.
-        total = 0.0 * out.graph_embeddings.float().sum()
+        total = torch.zeros((), device=stats.device)
         for t, task in enumerate(tasks):
             count = stats[2, t, n_dom]
             loss_t = ce_sums[t] * world / count.clamp(min=1).float()  # this rank's share of the global mean

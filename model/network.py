@@ -1,10 +1,11 @@
 """The whole network: atom encoder -> ESA backbone -> task heads, on one collated batch.
 
-Input: the PyG ``Batch`` of :mod:`pipeline.collate` (``z``, ``pos``, ``batch``, ``ptr``,
-``edge_index``, ``bond_index``, ``mlm_mask``, ``sr_index``, ``lr_index``, ``domain``). Output:
-:class:`ModelOutput` with ``node_embeddings`` [N, D], ``graph_embeddings`` [G, Dg] and the task
-predictions. The model hides masked elements itself, so it is deterministic given a batch (dropout
-aside).
+Input: the PyG ``Batch`` of :mod:`pipeline.collate`. The encoder and backbone read its input fields
+only (``z``, ``pos``, ``batch``, ``ptr``, ``edge_index``, ``bond_index``: masked atoms already hidden and
+noised by the loader); the task heads read the target fields (``mlm_mask``/``mlm_target``,
+``sr_index``/``sr_target``, ``lr_index``/``lr_target``), so a batch without them embeds fine with
+``with_tasks=False``. Output: :class:`ModelOutput` with ``node_embeddings`` [N, D],
+``graph_embeddings`` [G, Dg] and the task predictions; deterministic given a batch (dropout aside).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from model.tasks import PretrainingTasks, TaskPrediction
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FIELDS = ("z", "pos", "batch", "ptr", "edge_index", "bond_index", "mlm_mask")
+REQUIRED_FIELDS = ("z", "pos", "batch", "ptr", "edge_index", "bond_index")
+"""Input fields the backbone needs (a subset of :data:`pipeline.collate.INPUT_FIELDS`)."""
 
 
 @dataclass
@@ -38,10 +40,10 @@ def _check_batch(batch) -> None:
     if missing:
         raise ValueError(f"batch lacks fields {missing}; build batches with pipeline.collate.collate")
     n = batch.z.shape[0]
-    if batch.pos.shape != (n, 3) or batch.batch.shape != (n,) or batch.mlm_mask.shape != (n,):
+    if batch.pos.shape != (n, 3) or batch.batch.shape != (n,):
         raise ValueError(
             f"batch shapes disagree: z {tuple(batch.z.shape)}, pos {tuple(batch.pos.shape)}, "
-            f"batch {tuple(batch.batch.shape)}, mlm_mask {tuple(batch.mlm_mask.shape)}; expected [N], [N,3], [N], [N]"
+            f"batch {tuple(batch.batch.shape)}; expected [N], [N,3], [N]"
         )
     lr = getattr(batch, "lr_index", None)
     if lr is not None and lr.numel() and bool((batch.batch[lr[0]] != batch.batch[lr[1]]).any()):
@@ -61,7 +63,9 @@ class MolecularESA(nn.Module):
         self.cfg = model
         self.encoder = AtomEncoder(model, model.block_dims[0])
         self.backbone = ESA(model)
-        self.tasks = PretrainingTasks(tasks, self.backbone.node_dim) if tasks is not None else None
+        self.tasks = (
+            PretrainingTasks(tasks, self.backbone.node_dim, self.backbone.graph_dim) if tasks is not None else None
+        )
         self._backend_logged: str | None = None
 
     @property
@@ -87,7 +91,7 @@ class MolecularESA(nn.Module):
         _check_batch(batch)
         backend = resolve_backend(backend, batch.z.device) if backend else self.backend_for(batch.z.device)
         layout = AttentionLayout.build(batch.ptr, batch.batch, batch.edge_index)
-        x = self.encoder(batch.z, batch.pos, batch.mlm_mask, batch.edge_index, batch.bond_index)  # [N, D]
-        node, graph = self.backbone(x, layout, backend)
-        preds = self.tasks(node, batch) if (with_tasks and self.tasks is not None) else {}
+        x, edge_feats = self.encoder(batch.z, batch.pos, batch.edge_index, batch.bond_index)  # [N, D], [E, K]
+        node, graph = self.backbone(x, layout, backend, edge_feats)
+        preds = self.tasks(node, graph, batch) if (with_tasks and self.tasks is not None) else {}
         return ModelOutput(node_embeddings=node, graph_embeddings=graph, predictions=preds)

@@ -1,24 +1,47 @@
 """Collate decoded samples into one PyG ``Batch``: the contract between the loader and the model.
 
 Everything per batch is vectorised over the concatenated arrays; the only per-sample Python work is
-gathering array references. All randomness comes from the ``numpy.random.Generator`` passed in, so a
-batch is a pure function of (samples, generator state, options).
+gathering array references. All randomness (which atoms are masked, their noise, held-out pairs,
+long-range pairs) comes from the ``numpy.random.Generator`` passed in -- the stream seeds it from
+(seed, slot, batch number) -- so a batch is a pure function of (samples, generator state, options),
+deterministic and resumable.
 
-Fields of the returned batch (``N`` atoms, ``G`` graphs):
+The batch has two kinds of fields. **Inputs** are all the encoder and backbone may read; **targets**
+are read by the pretraining tasks only, and no target is recoverable from the inputs (the leakage
+tests in ``tests/model/test_leakage.py`` fit a classifier on the inputs to check it). A batch built with
+``mask_fraction = sr_fraction = lr_pairs_per_atom = 0`` (embedding, inference) has empty target fields
+and inputs equal to the clean molecule; the backbone needs only the input fields.
 
-- ``z`` long [N]: true atomic numbers (MLM targets; the model hides masked ones itself).
-- ``pos`` float32 [N, 3], Å.
+Inputs (``N`` atoms, ``G`` graphs):
+
+- ``z`` long [N]: atom types the model sees: the atomic number (1..118), or :data:`MASK_TOKEN` (119) at
+  a masked atom (with ``mask_random_fraction`` / ``mask_keep_fraction``, some masked atoms show a random
+  element of the batch or their own instead, BERT's 80/10/10).
+- ``pos`` float32 [N, 3], Å: coordinates; a masked atom's are shifted by uniform noise in
+  ``±mask_noise_A`` per axis *before* any input distance or edge is computed.
 - ``batch`` long [N], ``ptr`` long [G+1]: PyG's graph assignment.
-- ``edge_index`` long [2, E]: radius graph inside each molecule, both directions (all i->j of the
-  kept pairs, then all j->i), no self loops, *without* the held-out short-range pairs.
-- ``edge_is_bond`` bool [E]: the edge is also a covalent bond.
-- ``bond_index`` long [2, NB]: covalent bonds, both directions.
-- ``mlm_mask`` bool [N]: atoms whose element is to be predicted.
-- ``sr_index`` long [2, H]: held-out radius pairs (one direction, i < j) whose length is to be classified;
-  about ``sr_fraction`` of the pairs (positions drawn with replacement, so slightly fewer).
-- ``lr_index`` long [2, P]: random atom pairs, both atoms in the same molecule, i != j.
+- ``edge_index`` long [2, E]: radius graph inside each molecule on the input positions, both directions
+  (all i->j of the pairs, then all j->i), no self loops, *without* the held-out short-range pairs. Pairs
+  between unmasked atoms are the stored ones; a masked atom's pairs are rebuilt from its noised position
+  (its ``max_neighbors`` nearest within ``radius_A``).
+- ``edge_is_bond`` bool [E]: the edge is also a bond of ``bond_index``.
+- ``bond_index`` long [2, NB]: covalent bonds, both directions, without the bonds of masked atoms and
+  without the held-out short-range pairs.
 - ``domain`` long [G]: domain id (position in the loader's domain list); ``keys``: list[str] of G
   (read it as ``batch["keys"]``: ``batch.keys`` is PyG's method).
+
+Targets (tasks only):
+
+- ``mlm_mask`` bool [N]: atoms whose element is to be predicted (``mask_fraction`` of every molecule with
+  at least 2 atoms, at least one each; molecules of 1 atom never); ``mlm_target`` long [M]: their true
+  atomic numbers, in atom order (``M = mlm_mask.sum()``).
+- ``sr_index`` long [2, H]: held-out radius pairs (i < j, neither atom masked), about ``sr_fraction`` of the
+  eligible pairs (positions drawn with replacement, so slightly fewer); ``sr_target`` float32 [H]: their
+  clean length, Å.
+- ``lr_index`` long [2, P]: same-molecule pairs, i != j, whose distance the input does not show (clean
+  distance beyond ``radius_A``, so no input edge, or touching a masked atom, whose distance is noised),
+  drawn stratified by distance (``lr_strata_A``) so every distance range a molecule has is sampled about equally;
+  ``lr_target`` float32 [P]: their clean length, Å.
 
 Added by the loader (:mod:`pipeline.stream`, :mod:`pipeline.loader`): ``stats`` (dict: atoms, graphs,
 edges, fill, domain_atoms, domain_graphs), ``pass_index`` long [G] (training: the pass over its domain
@@ -32,9 +55,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 from torch_geometric.data import Batch
 
+from pipeline.config import LR_STRATA_A
 from pipeline.schema import Sample
+
+MASK_TOKEN = 119
+"""Input type of a masked atom: distinct from padding (0) and from every element (1..118)."""
+
+INPUT_FIELDS = ("z", "pos", "batch", "ptr", "edge_index", "edge_is_bond", "bond_index", "domain")
+"""Fields the encoder and backbone may read."""
+TARGET_FIELDS = ("mlm_mask", "mlm_target", "sr_index", "sr_target", "lr_index", "lr_target")
+"""Fields only the pretraining tasks read."""
+
 
 
 @dataclass(frozen=True)
@@ -46,11 +80,21 @@ class CollateOptions:
     max_neighbors: int = 64
     """Keep at most this many nearest radius neighbours per atom (the shards' cap is the upper bound)."""
     mask_fraction: float = 0.15
-    """Fraction of atoms selected for masked-atom prediction (at least one per batch)."""
+    """Fraction of each molecule's atoms masked for element prediction (at least one per molecule of >= 2 atoms)."""
+    mask_noise_A: float = 1.0
+    """Masked atoms' coordinates get uniform noise in [-this, this] per axis, Å (0 = none; Uni-Mol uses 1)."""
+    mask_random_fraction: float = 0.0
+    """Share of masked atoms that show a random element of the batch instead of the mask token (BERT: 0.1)."""
+    mask_keep_fraction: float = 0.0
+    """Share of masked atoms that show their own element (BERT: 0.1); still noised and still targets."""
     sr_fraction: float = 0.1
-    """Fraction of radius pairs held out of the input for short-range distance prediction."""
+    """Fraction of the radius pairs between unmasked atoms held out of the input for short-range prediction."""
     lr_pairs_per_atom: float = 0.5
-    """Random same-molecule pairs per atom for long-range distance prediction."""
+    """Long-range pairs per atom of each molecule (at least one per molecule of >= 2 atoms), pairs/atom."""
+    lr_strata_A: tuple[float, ...] = LR_STRATA_A
+    """Distance strata of the long-range sampling, Å: candidates are drawn evenly from each stratum a molecule has."""
+    lr_candidates: int = 4
+    """Uniform candidate pairs drawn per long-range pair before stratified selection (count)."""
 
 
 def _cap_neighbors(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, k: int) -> np.ndarray:
@@ -143,18 +187,102 @@ def _bond_flags(pairs: np.ndarray, bonds: np.ndarray, n_atoms: int) -> np.ndarra
     return flags
 
 
-def _long_range_pairs(counts: np.ndarray, offsets: np.ndarray, opt: CollateOptions, rng: np.random.Generator):
-    """Uniform random ordered pairs (i != j) inside each molecule with at least two atoms."""
-    eligible = counts >= 2
-    per_mol = np.where(eligible, np.maximum(1, np.round(counts * opt.lr_pairs_per_atom)).astype(np.int64), 0)
-    mol = np.repeat(np.arange(len(counts)), per_mol)
-    if len(mol) == 0:
+def _pair_codes(pairs: np.ndarray, n: int) -> np.ndarray:
+    """int64 code ``min * n + max`` of each unordered pair [k, 2]."""
+    a = pairs[:, 0].astype(np.int64)
+    b = pairs[:, 1].astype(np.int64)
+    return np.minimum(a, b) * n + np.maximum(a, b)
+
+
+def _is_in(codes: np.ndarray, sorted_codes: np.ndarray) -> np.ndarray:
+    """Membership of ``codes`` in the sorted array ``sorted_codes`` (binary search)."""
+    if len(sorted_codes) == 0 or len(codes) == 0:
+        return np.zeros(len(codes), bool)
+    idx = np.minimum(np.searchsorted(sorted_codes, codes), len(sorted_codes) - 1)
+    return sorted_codes[idx] == codes
+
+
+def _order_within(group: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Indices sorted by ``group``, then by ``key`` (two stable argsorts: much faster than ``np.lexsort``)."""
+    by_key = np.argsort(key, kind="stable")
+    return by_key[np.argsort(group[by_key], kind="stable")]
+
+
+def mask_atoms(counts: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Bool [N]: ``round(fraction * n)`` random atoms of each molecule of ``n >= 2`` atoms, at least one, at most n-1."""
+    n = int(counts.sum())
+    mask = np.zeros(n, bool)
+    if n == 0 or fraction <= 0:
+        return mask
+    gid = np.repeat(np.arange(len(counts)), counts)
+    start = np.repeat(np.cumsum(counts) - counts, counts)
+    k = np.where(counts >= 2, np.clip(np.round(fraction * counts), 1, counts - 1), 0).astype(np.int64)
+    order = _order_within(gid, rng.random(n))  # atoms of each molecule in random order, molecules in order
+    mask[order[np.arange(n) - start < k[gid]]] = True
+    return mask
+
+
+def masked_neighbours(pos: np.ndarray, gid: np.ndarray, atoms: np.ndarray, opt: CollateOptions) -> np.ndarray:
+    """Radius pairs (i < j) touching ``atoms`` on positions ``pos``: each listed atom's ``max_neighbors`` nearest
+    atoms of its own molecule within ``radius_A`` (molecules are moved apart so one tree serves the batch)."""
+    if len(atoms) == 0 or len(pos) < 2:
+        return np.zeros((0, 2), np.int64)
+    p = pos.astype(np.float64)
+    width = float(np.ptp(p[:, 0])) + 2 * opt.radius_A + 1.0
+    p[:, 0] += gid * width  # molecule g occupies its own slab of x: no pair across molecules is within the radius
+    k = min(opt.max_neighbors + 1, len(p))
+    dist, idx = cKDTree(p).query(p[atoms], k=k, distance_upper_bound=opt.radius_A)
+    dist, idx = dist.reshape(len(atoms), k), idx.reshape(len(atoms), k)
+    src = np.broadcast_to(atoms[:, None], idx.shape)
+    ok = (idx < len(p)) & (idx != src) & (dist <= opt.radius_A)
+    pairs = np.stack([src[ok], idx[ok]], axis=1)
+    codes = np.unique(_pair_codes(pairs, len(p)))  # a pair of two masked atoms is found from both ends
+    return np.stack([codes // len(p), codes % len(p)], axis=1)
+
+
+def _long_range_pairs(
+    counts: np.ndarray, offsets: np.ndarray, pos: np.ndarray, mlm_mask: np.ndarray, opt: CollateOptions,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Same-molecule pairs [2, P] (i != j) whose distance the input does not show, stratified by clean distance.
+
+    A pair qualifies when its clean distance exceeds ``radius_A`` (so it is no input edge) or it touches a
+    masked atom (the input shows only a noised distance, Uni-Mol's denoising target).
+
+    Each molecule of ``n >= 2`` atoms wants ``K = max(1, round(n * lr_pairs_per_atom))`` pairs. From
+    ``lr_candidates * K`` distinct uniform candidates, each stratum the molecule has keeps about ``K / strata``
+    of its candidates (all of them when it has fewer): every distance range is sampled about equally, and a
+    molecule gets at most about ``K`` pairs (fewer when its strata are sparse; uniform pairs on a protein
+    fall ~80 % beyond 20 Å).
+    """
+    n_atoms = int(counts.sum())
+    per_mol = np.where(counts >= 2, np.maximum(1, np.round(counts * opt.lr_pairs_per_atom)), 0).astype(np.int64)
+    if opt.lr_pairs_per_atom <= 0 or per_mol.sum() == 0:
         return np.zeros((2, 0), np.int64)
+    cand = per_mol * opt.lr_candidates
+    mol = np.repeat(np.arange(len(counts)), cand)
     n = counts[mol]
     i = rng.integers(0, n)
     j = rng.integers(0, n - 1)
     j = j + (j >= i)  # skip i itself: uniform over the other n-1 atoms
-    return np.stack([i + offsets[mol], j + offsets[mol]])
+    i, j = i + offsets[mol], j + offsets[mol]
+    codes = np.minimum(i, j) * n_atoms + np.maximum(i, j)
+    d = np.linalg.norm(pos[i] - pos[j], axis=1)
+    # drop pairs whose distance the input shows, and repeated pairs
+    _, first = np.unique(codes, return_index=True)
+    ok = np.zeros(len(codes), bool)
+    ok[first] = True
+    ok &= (d > opt.radius_A) | mlm_mask[i] | mlm_mask[j]
+    mol, i, j, d = mol[ok], i[ok], j[ok], d[ok]
+    stratum = np.searchsorted(np.asarray(opt.lr_strata_A), d)
+    n_str = len(opt.lr_strata_A) + 1
+    cell = mol * n_str + stratum
+    in_cell = np.bincount(cell, minlength=len(counts) * n_str)  # candidates per (molecule, stratum)
+    strata_of_mol = (in_cell.reshape(len(counts), n_str) > 0).sum(1)
+    quota = per_mol / np.maximum(strata_of_mol, 1)  # pairs wanted from each stratum the molecule has
+    # keep each candidate with probability quota / candidates of its cell: about the quota from every stratum
+    take = np.flatnonzero(rng.random(len(cell)) * in_cell[cell] < quota[mol])
+    return np.stack([i[take], j[take]])
 
 
 def _split_pairs(pairs: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +305,22 @@ def _both_directions(pairs: np.ndarray) -> np.ndarray:
     return out
 
 
+def _input_types(z: np.ndarray, mask: np.ndarray, opt: CollateOptions, rng: np.random.Generator) -> np.ndarray:
+    """The types the model sees: :data:`MASK_TOKEN` at masked atoms, or (80/10/10) a random element of the batch
+    / the atom's own element for shares ``mask_random_fraction`` / ``mask_keep_fraction`` of them."""
+    out = z.copy()
+    idx = np.flatnonzero(mask)
+    shown = np.full(len(idx), MASK_TOKEN, np.uint8)
+    if len(idx) and (opt.mask_random_fraction > 0 or opt.mask_keep_fraction > 0):
+        u = rng.random(len(idx))
+        rand = u < opt.mask_random_fraction
+        keep = (u >= opt.mask_random_fraction) & (u < opt.mask_random_fraction + opt.mask_keep_fraction)
+        shown[rand] = z[rng.integers(0, len(z), int(rand.sum()))]
+        shown[keep] = z[idx[keep]]
+    out[idx] = shown
+    return out
+
+
 def collate_compact(
     samples: list[Sample], domain_ids: list[int], opt: CollateOptions, rng: np.random.Generator
 ) -> dict:
@@ -184,6 +328,11 @@ def collate_compact(
 
     DataLoader workers return this: it is a third of the bytes of the finished batch, and moving bytes
     from a worker to the main process costs about as much as computing them. :func:`expand` finishes it.
+
+    Order of the work (each step sees only what the model may see from the steps before): mask atoms per
+    molecule, noise their positions, rebuild their radius pairs on the noised positions, hold short-range
+    pairs out of the pairs between unmasked atoms, remove masked atoms' bonds and held-out pairs from the
+    bonds, draw long-range pairs among the pairs that are not input edges. Targets use the clean positions.
     """
     g = len(samples)
     counts = np.fromiter((s.z.shape[0] for s in samples), np.int64, g)
@@ -195,33 +344,55 @@ def collate_compact(
     pos = np.concatenate([s.pos for s in samples]).astype(np.float32, copy=False) if g else np.zeros((0, 3), np.float32)
     idx_t = np.int32 if n < 2**31 - 1 else np.int64
     bonds = _offset_pairs([s.bonds for s in samples], offsets, idx_t)  # i < j (schema)
-
     pairs = radius_pairs(samples, offsets, pos, opt) if g else np.zeros((0, 2), np.int32)
-    # held-out short-range pairs: about sr_fraction of the pairs, positions drawn with replacement
-    n_pairs = len(pairs)
-    held = np.zeros(n_pairs, bool)
-    if n_pairs and opt.sr_fraction > 0:
-        held[rng.integers(0, n_pairs, int(rng.binomial(n_pairs, opt.sr_fraction)))] = True
+
+    # masked atoms: chosen per molecule, types replaced, positions noised, their radius pairs rebuilt
+    mlm_mask = mask_atoms(counts, opt.mask_fraction, rng)
+    masked = np.flatnonzero(mlm_mask)
+    z_in = _input_types(z, mlm_mask, opt, rng)
+    pos_in = pos
+    eligible = ~(mlm_mask[pairs[:, 0]] | mlm_mask[pairs[:, 1]]) if len(masked) else np.ones(len(pairs), bool)
+    mask_pairs = np.zeros((0, 2), idx_t)
+    if len(masked) and opt.mask_noise_A > 0:
+        pos_in = pos.copy()
+        pos_in[masked] += rng.uniform(-opt.mask_noise_A, opt.mask_noise_A, (len(masked), 3)).astype(np.float32)
+        gid = np.repeat(np.arange(g), counts)
+        mask_pairs = masked_neighbours(pos_in, gid, masked, opt).astype(idx_t)
+        pairs = _split_pairs(pairs, eligible)[0]  # stored pairs of masked atoms: measured on clean positions
+        eligible = np.ones(len(pairs), bool)
+
+    # held-out short-range pairs: about sr_fraction of the pairs between unmasked atoms (drawn with replacement)
+    n_el = int(eligible.sum())
+    held = np.zeros(len(pairs), bool)
+    if n_el and opt.sr_fraction > 0:
+        el_idx = np.flatnonzero(eligible)
+        held[el_idx[rng.integers(0, n_el, int(rng.binomial(n_el, opt.sr_fraction)))]] = True
     sr, kept = _split_pairs(pairs, held)
-    kept_bond = _bond_flags(kept, bonds, n)
+    # bonds the model sees: none of a masked atom, none held out
+    if len(bonds) and (len(masked) or len(sr)):
+        drop = mlm_mask[bonds[:, 0]] | mlm_mask[bonds[:, 1]]
+        drop |= _is_in(_pair_codes(bonds, n), np.sort(_pair_codes(sr, n)))
+        bonds = bonds[~drop]
+    kept_bond = _bond_flags(kept, bonds, n)  # masked atoms have no bonds left: their rebuilt pairs are no bonds
+    if len(mask_pairs):
+        kept = np.concatenate([kept, mask_pairs])
+        kept_bond = np.concatenate([kept_bond, np.zeros(len(mask_pairs), bool)])
 
-    n_mask = max(1, int(round(opt.mask_fraction * n))) if n and opt.mask_fraction > 0 else 0
-    mlm_mask = np.zeros(n, bool)
-    if n_mask:
-        mlm_mask[rng.choice(n, size=n_mask, replace=False)] = True
-
-    lr = _long_range_pairs(counts, offsets, opt, rng)
+    lr = _long_range_pairs(counts, offsets, pos, mlm_mask, opt, rng)
     t = torch.from_numpy
     return {
-        "z": t(np.ascontiguousarray(z, np.uint8)),
-        "pos": t(np.ascontiguousarray(pos)),
+        "z": t(np.ascontiguousarray(z_in, np.uint8)),
+        "pos": t(np.ascontiguousarray(pos_in)),
         "counts": t(counts),
         "pairs": t(np.ascontiguousarray(kept)),
         "pair_is_bond": t(kept_bond),
         "bonds": t(np.ascontiguousarray(bonds)),
         "mlm_mask": t(mlm_mask),
+        "mlm_target": t(np.ascontiguousarray(z[masked], np.uint8)),
         "sr": t(np.ascontiguousarray(sr)),
+        "sr_target": t(np.linalg.norm(pos[sr[:, 0]] - pos[sr[:, 1]], axis=1).astype(np.float32)),
         "lr": t(lr),
+        "lr_target": t(np.linalg.norm(pos[lr[0]] - pos[lr[1]], axis=1).astype(np.float32)),
         "domain": torch.tensor(domain_ids, dtype=torch.long),
         "keys": [s.key for s in samples],
     }
@@ -242,10 +413,13 @@ def expand(c: dict) -> Batch:
         edge_index=torch.from_numpy(_both_directions(c["pairs"].numpy())),
         edge_is_bond=torch.cat([pair_bond, pair_bond]),
         bond_index=torch.from_numpy(_both_directions(c["bonds"].numpy())),
-        mlm_mask=c["mlm_mask"],
-        sr_index=c["sr"].T.long().contiguous(),
-        lr_index=c["lr"],
         domain=c["domain"],
+        mlm_mask=c["mlm_mask"],
+        mlm_target=c["mlm_target"].long(),
+        sr_index=c["sr"].T.long().contiguous(),
+        sr_target=c["sr_target"],
+        lr_index=c["lr"],
+        lr_target=c["lr_target"],
         keys=c["keys"],
     )
     out._num_graphs = g

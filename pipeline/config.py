@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 from pipeline.storage import CREDENTIALS_FIX, StorageOptions, has_credentials, redact_url
 
+LR_STRATA_A = (5.0, 6.2, 7.6, 9.4, 11.7, 14.4, 17.9, 22.1, 27.3, 33.8, 41.8, 51.7, 64.0)
+"""Default long-range strata boundaries, Å: log-spaced from the radius cutoff to 64 Å."""
+
 MIX_MODES = ("samples", "atoms", "temperature")
 OVERSIZE_POLICIES = ("raise", "skip", "crop")
 BAD_SAMPLE_POLICIES = ("raise", "skip")
@@ -83,11 +86,19 @@ class DataConfig:
     max_neighbors: int = 64
     """Radius neighbours kept per atom, neighbours; must not exceed the converter's --max-neighbors."""
     mask_fraction: float = 0.15
-    """Fraction of atoms selected for masked-atom prediction per batch."""
+    """Fraction of each molecule's atoms masked for element prediction (at least one per molecule of >= 2 atoms)."""
+    mask_noise_A: float = 1.0
+    """Uniform noise on masked atoms' coordinates, ±Å per axis, applied before any input distance (0 = none)."""
+    mask_random_fraction: float = 0.0
+    """Share of masked atoms shown as a random element of the batch instead of the mask token (BERT: 0.1)."""
+    mask_keep_fraction: float = 0.0
+    """Share of masked atoms shown as their own element (BERT: 0.1); still noised, still targets."""
     sr_fraction: float = 0.1
-    """Fraction of radius pairs held out for short-range distance prediction."""
+    """Fraction of radius pairs between unmasked atoms held out of every input graph for short-range prediction."""
     lr_pairs_per_atom: float = 0.5
-    """Random same-molecule pairs per atom for long-range distance prediction, pairs/atom."""
+    """Same-molecule non-edge pairs per atom for long-range distance prediction, pairs/atom."""
+    lr_strata_A: tuple[float, ...] = LR_STRATA_A
+    """Distance strata boundaries of the long-range pair sampling, Å (each stratum a molecule has is drawn about equally)."""
     pad_eval_batches: bool = True
     """Val/test: pad ranks that have fewer planned batches with empty batches (num_graphs == 0) so all ranks step equally."""
     storage: StorageOptions = field(default_factory=StorageOptions)
@@ -129,13 +140,23 @@ class DataConfig:
             )
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers!r}: must be >= 0")
-        for f_ in ("mask_fraction", "sr_fraction"):
+        for f_ in ("mask_fraction", "sr_fraction", "mask_random_fraction", "mask_keep_fraction"):
             v = getattr(self, f_)
             if not 0 <= v < 1:
                 raise ValueError(f"data.{f_}={v!r}: must be in [0, 1)")
         for where, root in (("data.root", self.root), *((f"data.domains[{d.name}].root", d.root) for d in self.domains)):
             if root is not None and has_credentials(root):  # refused here, before the config is saved anywhere
                 raise ValueError(f"{where}={redact_url(root)!r} carries credentials (user:password@); {CREDENTIALS_FIX}")
+        if self.mask_random_fraction + self.mask_keep_fraction > 1:
+            raise ValueError(
+                f"data.mask_random_fraction={self.mask_random_fraction} + data.mask_keep_fraction="
+                f"{self.mask_keep_fraction} exceeds 1; the rest of the masked atoms show the mask token"
+            )
+        if not 0 <= self.mask_noise_A < self.radius_A:
+            raise ValueError(f"data.mask_noise_A={self.mask_noise_A!r}: must be in [0, radius_A={self.radius_A}) Å")
+        st = tuple(self.lr_strata_A)
+        if any(b <= a for a, b in zip(st, st[1:], strict=False)) or any(x <= 0 for x in st):
+            raise ValueError(f"data.lr_strata_A={list(st)!r}: boundaries must be positive and strictly increasing")
         seen = set()
         for d in self.domains:
             if d.name in seen:

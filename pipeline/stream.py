@@ -17,6 +17,7 @@ All randomness derives from integers: (seed, domain, pass, slot, batch number).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -77,13 +78,8 @@ def finish(c: dict):
 
 
 def collate_options(cfg: DataConfig) -> CollateOptions:
-    return CollateOptions(
-        radius_A=cfg.radius_A,
-        max_neighbors=cfg.max_neighbors,
-        mask_fraction=cfg.mask_fraction,
-        sr_fraction=cfg.sr_fraction,
-        lr_pairs_per_atom=cfg.lr_pairs_per_atom,
-    )
+    """The collate options of a data config: each CollateOptions field that DataConfig has, from it."""
+    return CollateOptions(**{f.name: getattr(cfg, f.name) for f in fields(CollateOptions) if hasattr(cfg, f.name)})
 
 
 class TrainStream:

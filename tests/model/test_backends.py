@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import model.attention as attention
-from model.attention import AttentionLayout, attend_atoms, attend_pool, edge_attention, flash_attn_available
+from model.attention import Attention, AttentionLayout, attend_atoms, attend_pool, edge_attention, flash_attn_available
 from tests.model.helpers import build_net, make_batch
 
 RTOL = 1e-5
@@ -159,6 +159,36 @@ def test_masks_matter(batch):
     assert torch.allclose(m[iso], v[iso], atol=1e-6), "an atom without neighbours attends only to itself"
 
 
+def test_sparse_m_with_edge_bias_equals_dense(batch):
+    layout = AttentionLayout.build(batch.ptr, batch.batch, batch.edge_index)
+    q, k, v = _qkv(batch.num_nodes)
+    bias = 3.0 * torch.randn(batch.edge_index.shape[1], 4, generator=torch.Generator().manual_seed(2))
+    ref = attend_atoms(q, k, v, "M", layout, "dense", 0.0, bias)
+    assert rel_err(attend_atoms(q, k, v, "M", layout, "sparse", 0.0, bias), ref) <= RTOL
+    assert rel_err(ref, attend_atoms(q, k, v, "M", layout, "dense", 0.0)) > 1e-2, "the bias is applied"
+
+
+def test_uniform_attention_averages_the_value_projection(batch):
+    """With Q = K = 0 every key weighs the same, so M attention of atom i is W_o·mean_j(W_v·x_j) + b_o over
+    its neighbours and itself: catches V computed from K (or from Q) in any backend."""
+    torch.manual_seed(0)
+    attn = Attention(16, 4, 0.0).eval()
+    with torch.no_grad():
+        for lin in (attn.q, attn.k):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    x = torch.randn(batch.num_nodes, 16)
+    layout = AttentionLayout.build(batch.ptr, batch.batch, batch.edge_index)
+    src = torch.cat([batch.edge_index[0], torch.arange(batch.num_nodes)])
+    dst = torch.cat([batch.edge_index[1], torch.arange(batch.num_nodes)])
+    vx = attn.v(x)
+    mean_v = torch.zeros_like(vx).index_add_(0, dst, vx[src]) / torch.bincount(dst).unsqueeze(1)
+    want = attn.out(mean_v)
+    for backend in ("dense", "sparse"):
+        with torch.no_grad():
+            assert rel_err(attn(x, "M", layout, backend), want) <= RTOL, backend
+
+
 def test_sparse_pool_equals_dense(batch):
     layout = AttentionLayout.build(batch.ptr, batch.batch, batch.edge_index)
     _, k, v = _qkv(batch.num_nodes)
@@ -168,8 +198,9 @@ def test_sparse_pool_equals_dense(batch):
     assert rel_err(attend_pool(seeds, k, v, layout, "sparse", 0.0), ref) <= RTOL
 
 
-def test_whole_model_sparse_equals_dense_forward_and_grad(batch):
-    net = build_net()
+@pytest.mark.parametrize("distance_bias", [False, True])
+def test_whole_model_sparse_equals_dense_forward_and_grad(batch, distance_bias):
+    net = build_net(distance_bias=distance_bias)
     outs, grads = {}, {}
     for backend in ("dense", "sparse"):
         net.zero_grad()

@@ -29,6 +29,9 @@ def permute_within_molecules(batch, seed: int):
     inv = torch.argsort(perm)
     out = batch.clone()
     out.z, out.pos, out.mlm_mask = batch.z[perm], batch.pos[perm], batch.mlm_mask[perm]
+    true_z = batch.z.clone()
+    true_z[batch.mlm_mask] = batch.mlm_target
+    out.mlm_target = true_z[perm][out.mlm_mask]  # targets follow their atoms
     e = torch.randperm(batch.edge_index.shape[1], generator=g)
     out.edge_index = inv[batch.edge_index[:, e]]
     out.edge_is_bond = batch.edge_is_bond[e]
@@ -50,8 +53,9 @@ def batch64():
 
 @pytest.mark.parametrize("backend", ["dense", "sparse"])
 @pytest.mark.parametrize("rwpe", [0, 4])
-def test_rotation_translation_invariance(batch64, backend, rwpe):
-    net = build_net(dtype=torch.float64, rwpe_steps=rwpe)
+@pytest.mark.parametrize("distance_bias", [False, True])
+def test_rotation_translation_invariance(batch64, backend, rwpe, distance_bias):
+    net = build_net(dtype=torch.float64, rwpe_steps=rwpe, distance_bias=distance_bias)
     with torch.no_grad():
         ref = net(batch64, backend=backend)
         moved = batch64.clone()
@@ -67,7 +71,7 @@ def test_rotation_translation_invariance(batch64, backend, rwpe):
 
 @pytest.mark.parametrize("backend", ["dense", "sparse"])
 def test_permutation_equivariance(batch64, backend):
-    net = build_net(dtype=torch.float64, rwpe_steps=3)
+    net = build_net(dtype=torch.float64, rwpe_steps=3, distance_bias=True)
     permuted, perm = permute_within_molecules(batch64, seed=5)
     assert not torch.equal(perm, torch.arange(len(perm)))
     with torch.no_grad():
@@ -82,3 +86,4 @@ def test_permutation_equivariance(batch64, backend):
     new_atoms_as_old = perm[permuted.mlm_mask.nonzero().squeeze(1)].tolist()
     order = torch.tensor([old_rows[a] for a in new_atoms_as_old])
     assert_close(out.predictions["mlm"].logits, ref.predictions["mlm"].logits[order])
+    assert torch.equal(out.predictions["mlm"].target, ref.predictions["mlm"].target[order])

@@ -1,0 +1,143 @@
+"""The batch contract of pipeline/collate.py on real demo molecules of all four domains: what the
+model may read (inputs) never shows what it must predict (targets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.collate import INPUT_FIELDS, LR_STRATA_A, MASK_TOKEN, TARGET_FIELDS
+from tests.model.helpers import RADIUS, demo_samples, make_batch
+
+
+def real_samples():
+    return (
+        demo_samples("protein/1ahsA.pdb", "protein", 1, max_atoms=2000)
+        + demo_samples("rna/1Y26.pdb", "rna", 1, max_atoms=500)
+        + demo_samples("small_molecule/qm9_sample.xyz", "small_molecule", 20)
+        + demo_samples("metabolite/metabolites_ccd_hmdb.sdf", "metabolite", 10)
+    )
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return real_samples()
+
+
+@pytest.fixture(scope="module")
+def batch(samples):
+    return make_batch(samples, seed=0)
+
+
+def codes(index: torch.Tensor, n: int) -> set[int]:
+    """Unordered pair codes of a [2, K] index."""
+    a, b = index.numpy().astype(np.int64)
+    return set((np.minimum(a, b) * n + np.maximum(a, b)).tolist())
+
+
+def clean(samples):
+    """Clean coordinates, true elements and source bonds of the concatenated samples."""
+    pos = np.concatenate([s.pos for s in samples])
+    z = np.concatenate([s.z for s in samples])
+    off = np.cumsum([0] + [s.num_atoms for s in samples])
+    bonds = np.concatenate([s.bonds + o for s, o in zip(samples, off, strict=False)])
+    return pos, z, bonds
+
+
+def test_every_field_is_documented_as_input_or_target(batch):
+    assert set(INPUT_FIELDS) | set(TARGET_FIELDS) | {"keys"} == set(batch.keys())
+    assert not set(INPUT_FIELDS) & set(TARGET_FIELDS)
+
+
+def test_held_out_pairs_are_in_no_input_graph(batch, samples):
+    n = batch.num_nodes
+    sr = codes(batch.sr_index, n)
+    assert len(sr) > 50
+    assert not sr & codes(batch.edge_index, n), "a held-out pair is a radius edge"
+    assert not sr & codes(batch.bond_index, n), "a held-out pair is a bond"
+    _, _, bonds = clean(samples)
+    assert sr & codes(torch.from_numpy(bonds.T), n), "control: some held-out pairs are real bonds"
+    masked = batch.mlm_mask
+    assert not (masked[batch.sr_index[0]] | masked[batch.sr_index[1]]).any(), "a held-out pair touches a masked atom"
+
+
+def test_masked_atoms_are_hidden_noised_and_unbonded(batch, samples):
+    pos, z, _ = clean(samples)
+    m = batch.mlm_mask.numpy()
+    assert (batch.z.numpy()[m] == MASK_TOKEN).all() and (batch.z.numpy()[~m] == z[~m]).all()
+    assert np.array_equal(batch.mlm_target.numpy(), z[m])
+    shift = batch.pos.numpy() - pos
+    assert (np.abs(shift[~m]) == 0).all()
+    assert (np.abs(shift[m]) <= 1.0 + 1e-6).all() and np.abs(shift[m]).mean() > 0.4  # uniform in ±1 Å: mean 0.5
+    assert not m[batch.bond_index.numpy()].any(), "a masked atom keeps a bond"
+    # a masked atom's neighbours: exactly the atoms of its molecule within the radius of its noised position
+    g = batch.batch.numpy()
+    ei = batch.edge_index.numpy()
+    for a in np.flatnonzero(m)[::7]:
+        d = np.linalg.norm(batch.pos.numpy() - batch.pos.numpy()[a], axis=1)
+        want = set(np.flatnonzero((d <= RADIUS) & (g == g[a])).tolist()) - {a}
+        assert set(ei[0][ei[1] == a].tolist()) == want
+
+
+def test_every_molecule_of_two_or_more_atoms_is_masked(batch):
+    counts = (batch.ptr[1:] - batch.ptr[:-1]).numpy()
+    per_mol = np.bincount(batch.batch.numpy()[batch.mlm_mask.numpy()], minlength=len(counts))
+    assert (per_mol[counts >= 2] >= 1).all()
+    assert np.array_equal(per_mol, np.clip(np.round(0.15 * counts), 1, counts - 1))
+
+
+def test_long_range_pairs_are_unseen_and_spread_over_the_bins(batch, samples):
+    n = batch.num_nodes
+    lr = batch.lr_index
+    g = batch.batch
+    assert torch.equal(g[lr[0]], g[lr[1]]) and (lr[0] != lr[1]).all()
+    masked = batch.mlm_mask
+    unmasked_lr = lr[:, ~(masked[lr[0]] | masked[lr[1]])]
+    assert unmasked_lr.shape[1] > 100 and (masked[lr[0]] | masked[lr[1]]).any()
+    assert not codes(unmasked_lr, n) & codes(batch.edge_index, n), "an unnoised long-range pair is an input edge"
+    pos, _, _ = clean(samples)
+    torch.testing.assert_close(batch.lr_target, torch.from_numpy(np.linalg.norm(pos[lr[0]] - pos[lr[1]], axis=1)))
+    # the protein fragment: uniform non-edge pairs crowd into a few strata, stratified ones spread out
+    prot = (g[lr[0]] == 0).numpy()
+    strata = np.asarray(LR_STRATA_A)
+    rng = np.random.default_rng(0)
+    na = samples[0].num_atoms
+    i, j = rng.integers(0, na, 20_000), rng.integers(0, na, 20_000)
+    uniform = np.linalg.norm(pos[i] - pos[j], axis=1)
+    uniform = uniform[uniform > RADIUS]
+    top = lambda d: np.bincount(np.searchsorted(strata, d)).max() / len(d)  # noqa: E731
+    bound = 1.5 / len(np.unique(np.searchsorted(strata, uniform)))  # 1.5 x the share of a perfectly even spread
+    assert top(batch.lr_target.numpy()[prot]) < bound < top(uniform), (top(batch.lr_target.numpy()[prot]), top(uniform))
+
+
+def test_targets_are_clean_and_deterministic(batch, samples):
+    pos, _, _ = clean(samples)
+    sr = batch.sr_index.numpy()
+    np.testing.assert_allclose(batch.sr_target.numpy(), np.linalg.norm(pos[sr[0]] - pos[sr[1]], axis=1), rtol=1e-6)
+    again = make_batch(samples, seed=0)
+    other = make_batch(samples, seed=1)
+    for name in INPUT_FIELDS + TARGET_FIELDS:
+        assert torch.equal(getattr(again, name), getattr(batch, name)), name
+    assert not torch.equal(other.mlm_mask, batch.mlm_mask)
+
+
+def test_bert_replacement_shares(samples):
+    b = make_batch(samples * 4, seed=3, mask_random_fraction=0.1, mask_keep_fraction=0.1)
+    shown = b.z[b.mlm_mask]
+    tok = float((shown == MASK_TOKEN).float().mean())
+    own = float((shown == b.mlm_target).float().mean())
+    assert 0.74 < tok < 0.86 and 0.1 < own < 0.25  # a random element is sometimes the atom's own
+
+
+def test_inference_batch_has_empty_targets_and_clean_inputs(samples):
+    b = make_batch(samples, seed=0, mask_fraction=0.0, sr_fraction=0.0, lr_pairs_per_atom=0.0)
+    pos, z, bonds = clean(samples)
+    assert np.array_equal(b.z.numpy(), z) and np.array_equal(b.pos.numpy(), pos)
+    assert b.bond_index.shape[1] == 2 * len(bonds)
+    assert b.mlm_mask.sum() == 0 and b.sr_index.shape[1] == 0 and b.lr_index.shape[1] == 0
+
+
+def test_empty_batch():
+    b = make_batch([], seed=0)
+    assert b.num_nodes == 0 and b.num_graphs == 0 and b.lr_index.shape == (2, 0)
