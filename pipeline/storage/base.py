@@ -235,10 +235,6 @@ def has_credentials(url: str) -> bool:
     return scheme in ("s3", "http", "https") or ":" in p.netloc.rpartition("@")[0]
 
 
-NATIVE = ("file", "s3", "http", "https")
-"""Schemes with a backend of their own; every other scheme is read and written through fsspec."""
-
-
 def check_scheme(url: str, *, write: bool = False) -> str:
     """The URL's scheme; refuses credentials in the URL, and http(s) for writing (backends check the rest)."""
     scheme = scheme_of(url)

@@ -160,3 +160,33 @@ def test_private_http_with_a_bearer_token_from_the_environment(folder, monkeypat
     with pytest.raises(ValueError, match="must name an environment variable") as e3:
         storage.StorageOptions(http_bearer_token_env=f"Bearer {token}")
     assert token not in str(e3.value)
+
+
+def _drip_read_in_child(url: str, q) -> None:
+    try:
+        storage.read_bytes(url, options=fast_options(read_timeout_s=2.0, request_deadline_s=0.3, max_attempts=2))
+        q.put("read completed")
+    except storage.StorageError as e:
+        q.put(str(e))
+
+
+def test_the_deadline_also_fires_in_a_forked_worker(folder):
+    """The parent's deadline watchdog thread does not survive fork; the child must start its own."""
+    import multiprocessing
+
+    root, files = folder
+    with FolderServer(str(root), drip_s=0.05) as server:
+        u = storage.join(server.url, "shards/s-2.tar")
+        with pytest.raises(storage.StorageError, match="request_deadline_s"):  # the parent's watchdog is running
+            storage.read_bytes(u, options=fast_options(read_timeout_s=2.0, request_deadline_s=0.3, max_attempts=2))
+        ctx = multiprocessing.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_drip_read_in_child, args=(u, q))
+        p.start()
+        try:
+            msg = q.get(timeout=60)
+        finally:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert "request_deadline_s=0.3" in msg
