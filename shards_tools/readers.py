@@ -114,9 +114,12 @@ _QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
 
 def describe_error(e: BaseException, data: bytes | None) -> str:
     """``Type: message`` of a library error, with every piece of the message that occurs in the input's
-    bytes replaced by ``…``: a reason names what went wrong, never what the (possibly secret) file holds."""
+    bytes replaced by ``…``: a reason names what went wrong, never what the (possibly secret) file holds.
+    Without ``data`` (an error while streaming), every quoted literal is hidden."""
     msg = " ".join(str(e).split())[:300]
-    if data is not None:
+    if data is None:
+        msg = _QUOTED.sub("'…'", msg)
+    else:
         def hide(text: str) -> bool:
             return bool(text) and text.encode("utf-8", "replace") in data
 
