@@ -330,3 +330,13 @@ def test_sdf_d_symbol_is_hydrogen_too():
                                "    0.0000    0.0000    0.0000 C   0  0\n    1.0900    0.0000    0.0000 D   0  0\n"
                                "  1  2  1  0\nM  END\n", sanitize=False, removeHs=False)
     assert [a.GetAtomicNum() for a in mol.GetAtoms()] == [6, 1]
+
+
+def test_an_output_folder_inside_raw_is_not_read_as_input(tmp_path, demo_raw, capsys):
+    raw = tmp_path / "raw" / "protein"
+    raw.mkdir(parents=True)
+    shutil.copy(demo_raw / "protein" / "1i8nA.pdb", raw)
+    out = tmp_path / "raw" / "shards"
+    for _ in range(2):
+        assert main([str(tmp_path / "raw"), str(out), "--no-progress", "--keep-work"]) == 0
+        assert "skipped: 0 files of unknown type" in capsys.readouterr().out
