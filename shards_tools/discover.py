@@ -81,10 +81,9 @@ def list_inputs(raw: Path, out: Path | None, follow_symlinks: bool = False) -> L
                     if not target.exists():
                         reject(rel, "broken symbolic link")
                         continue
-                if out_resolved is not None and _inside(p.resolve(), out_resolved):
-                    continue
                 if e.is_dir(follow_symlinks=follow_symlinks):
-                    walk(p, rel + "/")
+                    if out_resolved is None or p.resolve() != out_resolved:  # OUT inside RAW is not input
+                        walk(p, rel + "/")
                 elif e.is_file(follow_symlinks=follow_symlinks):
                     if format_of(p):
                         lst.inputs.append(Input(p, rel, e.stat(follow_symlinks=follow_symlinks).st_size))

@@ -114,9 +114,12 @@ _QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
 
 def describe_error(e: BaseException, data: bytes | None) -> str:
     """``Type: message`` of a library error, with every piece of the message that occurs in the input's
-    bytes replaced by ``…``: a reason names what went wrong, never what the (possibly secret) file holds."""
+    bytes replaced by ``…``: a reason names what went wrong, never what the (possibly secret) file holds.
+    Without ``data`` (an error while streaming), every quoted literal is hidden."""
     msg = " ".join(str(e).split())[:300]
-    if data is not None:
+    if data is None:
+        msg = _QUOTED.sub("'…'", msg)
+    else:
         def hide(text: str) -> bool:
             return bool(text) and text.encode("utf-8", "replace") in data
 
@@ -358,7 +361,7 @@ def _rdkit_bonds(mol) -> tuple[np.ndarray, np.ndarray]:
     order_of = {Chem.BondType.SINGLE: 1, Chem.BondType.DOUBLE: 2, Chem.BondType.TRIPLE: 3,
                 Chem.BondType.AROMATIC: BOND_AROMATIC}
     pairs, orders = [], []
-    for b in mol.GetBonds():
+    for b in map(mol.GetBondWithIdx, range(mol.GetNumBonds())):  # ~1.5x faster than GetBonds()
         i, j = b.GetBeginAtomIdx(), b.GetEndAtomIdx()
         pairs.append((min(i, j), max(i, j)))
         orders.append(order_of.get(b.GetBondType(), BOND_UNKNOWN))
@@ -376,7 +379,7 @@ def _parse_sdf(rec: RawRecord, source: str, stem: str) -> Record:
                          "(RDKit could not read its atom/bond block)")
     if mol.GetNumConformers() == 0:
         return Rejection(source, rec.record, f"record at line {rec.line}: SDF record has no coordinates")
-    z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], np.int64)
+    z = np.array([mol.GetAtomWithIdx(i).GetAtomicNum() for i in range(mol.GetNumAtoms())], np.int64)
     pos = mol.GetConformer().GetPositions() if mol.GetNumAtoms() else np.zeros((0, 3))
     bonds, order = _rdkit_bonds(mol)
     name = mol.GetProp("_Name").strip() if mol.HasProp("_Name") else ""

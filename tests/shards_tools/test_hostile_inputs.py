@@ -266,8 +266,10 @@ def _secret_files(where: Path) -> None:
     (where / "block.sdf").write_text(f"{SECRET}\n  RDKit\n\n{SECRET}\nM  END\n$$$$\n")
     (where / "text.cif").write_text(f"data_{SECRET}\nloop_\n_atom_site.{SECRET}\n{SECRET} {SECRET}\n")
     (where / "text.pdb").write_text(f"ATOM  {SECRET}\nCONECT{SECRET}\n")
-    (where / "text.bcif").write_text(SECRET * 3)
-    (where / "data.pt").write_text(SECRET * 3)
+    (where / "text.bcif").write_text(SECRET * 3 + "bcif")  # (each file distinct: copies are dropped first)
+    (where / "data.pt").write_text(SECRET * 3 + "pt")
+    (where / "notgz.pdb.gz").write_text(SECRET * 3 + "pdb")  # gzip quotes the first bytes it rejects
+    (where / "notgz.sdf.gz").write_text(SECRET * 3 + "sdf")
 
 
 def test_symlinks_leaving_raw_are_not_followed_and_no_report_quotes_file_bytes(tmp_path, demo_raw):
@@ -294,8 +296,9 @@ def test_symlinks_leaving_raw_are_not_followed_and_no_report_quotes_file_bytes(t
     text = (out2 / "rejected.jsonl").read_text()
     rej2 = _rejected(out2)
     assert {f for f, _ in rej2} >= {f"small_molecule/link_{f.name}" for f in outside.iterdir() if f.name != "good.pdb"}
+    assert not any("byte-identical" in r for (f, _), r in rej2.items() if "/link_" in f)  # each really parsed
     assert ("small_molecule/link_good.pdb", 0) in read_back(out2)
-    for piece in (SECRET, SECRET[:12], SECRET[12:24], "credentials"):
+    for piece in (SECRET, SECRET[:12], SECRET[12:24], "credentials", f"b'{SECRET[:2]}"):
         assert piece not in text, f"{piece!r} leaked into rejected.jsonl:\n{text}"
 
 
@@ -327,3 +330,13 @@ def test_sdf_d_symbol_is_hydrogen_too():
                                "    0.0000    0.0000    0.0000 C   0  0\n    1.0900    0.0000    0.0000 D   0  0\n"
                                "  1  2  1  0\nM  END\n", sanitize=False, removeHs=False)
     assert [a.GetAtomicNum() for a in mol.GetAtoms()] == [6, 1]
+
+
+def test_an_output_folder_inside_raw_is_not_read_as_input(tmp_path, demo_raw, capsys):
+    raw = tmp_path / "raw" / "protein"
+    raw.mkdir(parents=True)
+    shutil.copy(demo_raw / "protein" / "1i8nA.pdb", raw)
+    out = tmp_path / "raw" / "shards"
+    for _ in range(2):
+        assert main([str(tmp_path / "raw"), str(out), "--no-progress", "--keep-work"]) == 0
+        assert "skipped: 0 files of unknown type" in capsys.readouterr().out
