@@ -90,7 +90,7 @@ def main() -> None:
 
     from model.lightning_module import PretrainingModule
     from training.config import load_config
-    from training.embed import embed
+    from training.embed import embed_batches, shard_batches
 
     ckpt = a.checkpoint or train_demo(Path(tempfile.mkdtemp(prefix="probe-")), a.overrides)
     pretrained = PretrainingModule.load_from_checkpoint(str(ckpt), map_location="cpu")
@@ -106,7 +106,8 @@ def main() -> None:
 
     out = {"benchmark": "probe", "property": a.property, "checkpoint": str(ckpt)}
     for name, module in (("pretrained", pretrained), ("random_init", random_init)):
-        table = embed(module, sm_only, ["train", "val", "test"], progress=False)
+        table, _ = embed_batches(module.net, shard_batches(sm_only, ["train", "val", "test"]), torch.device("cpu"),
+                                 progress=False)
         ids = [int(k.rsplit("_", 1)[0]) for k in table.column("key").to_pylist()]
         x = np.asarray(table.column("embedding").to_pylist(), np.float64)
         y = np.array([prop[i] for i in ids])
