@@ -132,7 +132,9 @@ def test_masked_batch_is_embedded_unmasked(small_shards):
 
 def test_export_and_load_pretrained_round_trip(exported, small_shards, tmp_path):
     net, export = exported
-    loaded = load_pretrained(export)
+    import model
+
+    loaded = model.load_pretrained(export)
     assert not loaded.training and loaded.tasks is None
     for k, v in net.state_dict().items():
         if k.startswith(("encoder.", "backbone.")):
