@@ -203,3 +203,47 @@ def test_metrics_match_scikit_learn():
     y_nan[:10] = np.nan
     c = classification_metrics(scores, y_nan)
     assert c["n"] == 50 and c["roc_auc"] == pytest.approx(roc_auc_score(labels[10:], scores[10:]))
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted_run(small_shards, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+    steps = ["trainer.max_steps=24", "trainer.checkpoint_every_n_steps=4", "trainer.val_check_interval=8",
+             "data.max_graphs=16"]
+
+    def cmd(run_dir):
+        return [sys.executable, "-m", "training.finetune", str(CONFIG), *_tiny(small_shards, run_dir), *steps]
+
+    ref = subprocess.run(cmd(tmp_path / "ref"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(cmd(run_dir), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at, deadline = None, time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists():
+            try:
+                step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+            except (RuntimeError, EOFError, OSError):  # being written
+                step = 0
+            if step >= 8:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = step
+                break
+        time.sleep(0.1)
+    proc.wait(timeout=60)
+    assert killed_at is not None and killed_at < 24, "the run was not killed mid-way"
+    resumed = subprocess.run(cmd(run_dir) + ["--resume", "last"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(last, map_location="cpu", weights_only=True)
+    assert b["global_step"] == 24 and a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), f"{k} differs after resume (killed at {killed_at})"
