@@ -45,7 +45,12 @@ def build_backbone(cfg):
     from model.pretrained import read_pretrained
 
     if cfg.backbone.checkpoint:
-        model_cfg, state = read_pretrained(cfg.backbone.checkpoint)
+        try:
+            model_cfg, state = read_pretrained(cfg.backbone.checkpoint)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"backbone.checkpoint: {e}; pretrain first (python -m training.run configs/demo.yaml "
+                                    "writes runs/demo/checkpoints/last.ckpt), or train from scratch with "
+                                    "backbone.init=random backbone.checkpoint=null") from None
         return model_cfg, (state if cfg.backbone.init == "checkpoint" else None)
     return cfg.model or ModelConfig(), None
 
