@@ -170,7 +170,7 @@ def main() -> None:
 
     from model.lightning_module import PretrainingModule
     from training.config import load_config
-    from training.embed import embed
+    from training.embed import embed_batches, shard_batches
 
     t0 = time.perf_counter()
     ckpt = a.checkpoint or train_demo(Path(tempfile.mkdtemp(prefix="probe-")), a.overrides)
@@ -191,7 +191,8 @@ def main() -> None:
     classical = qm9_inputs(sm_only)
     emb = {}
     for name, module in modules.items():
-        table = embed(module, sm_only, ["train", "val", "test"], progress=False)
+        table, _ = embed_batches(module.net, shard_batches(sm_only, ["train", "val", "test"]), torch.device("cpu"),
+                                 progress=False)
         ids = [int(k.rsplit("_", 1)[0]) for k in table.column("key").to_pylist()]
         emb[name] = (ids, np.asarray(table.column("embedding").to_pylist(), np.float64))
     ids = emb["pretrained"][0]

@@ -1,4 +1,4 @@
-"""molstream's model: encoder, ESA blocks, attention backends, pretraining tasks, LightningModule."""
+"""molstream's model: encoder, ESA backbone, tasks, LightningModules; ``model.load_pretrained(path)`` for inference."""
 
 import pipeline as _pipeline
 
@@ -8,3 +8,12 @@ if not hasattr(_pipeline, "check_installation"):
                       "sys.path (or another installed distribution) shadows molstream's. Rename or move it, or "
                       "uninstall the other distribution.")
 _pipeline.check_installation()
+
+
+def __getattr__(name: str):
+    """``model.load_pretrained(path)`` without importing torch when only ``model.config`` is needed."""
+    if name == "load_pretrained":
+        from model.pretrained import load_pretrained
+
+        return load_pretrained
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

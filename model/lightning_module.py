@@ -29,6 +29,7 @@ from torch import Tensor
 from model.config import ModelConfig, OptimConfig, TasksConfig
 from model.network import ModelOutput, MolecularESA
 from model.optim import build_optimizer, build_scheduler
+from model.pretrained import embed_batch
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,12 @@ class PretrainingModule(L.LightningModule):
             sync_dist=not train and _world_size() > 1,  # values are already global; this only silences the DDP warning
             add_dataloader_idx=False,
         )
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Embeddings of the whole molecules (no atom masked; task fields need not be in the batch):
+        ``keys``, ``graph_embeddings`` [G, Dg], ``node_embeddings`` [N, D], ``ptr`` [G+1]."""
+        node, graph = embed_batch(self.net, batch)
+        return {"keys": list(batch["keys"]), "graph_embeddings": graph, "node_embeddings": node, "ptr": batch.ptr}
 
     # ------------------------------------------------------------------ optimiser
 
