@@ -2,11 +2,12 @@
 
 One rule for every YAML the tools read (``training.run``, ``pipeline.dryrun``): a relative local path written in
 ``/a/b/c.yaml`` means ``/a/b/<path>``; URLs (``s3://``, ``http(s)://``, ``file://``) and absolute paths stay as
-written, ``~`` is expanded. Paths given as command-line overrides resolve against the current directory.
+written, ``~`` is expanded and ``..`` folded (``os.path.normpath``). Paths given as command-line overrides resolve against the current directory.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DATA_PATH_KEYS = (("root",), ("storage", "cache_dir"))
@@ -28,7 +29,7 @@ def resolve_paths(doc: dict, base: Path, keys: tuple[tuple[str, ...], ...], pref
         if isinstance(node, dict) and _is_local(node.get(key)):
             written = node[key]
             p = Path(written).expanduser()
-            node[key] = str(p if p.is_absolute() else Path(base) / p)
+            node[key] = os.path.normpath(p if p.is_absolute() else Path(base) / p)
             seen[dotted] = (written, node[key])
 
     for path in keys:

@@ -106,7 +106,8 @@ def build_loggers(cfg, run_dir: Path, resume_step: int | None) -> list:
     loggers = []
     if cfg.logging.csv:
         csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="logs")
-        continue_metrics_csv(csv_logger, resume_step)
+        if _rank() == 0:  # the other ranks' CSVLogger writes nothing
+            continue_metrics_csv(csv_logger, resume_step)
         loggers.append(csv_logger)
     if cfg.logging.tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -193,37 +194,43 @@ def train(loaded: Loaded, resume_arg: str | None, overwrite: bool) -> int:
     resume_step = None
     if resume:
         resume_step = int(torch.load(resume, map_location="cpu", mmap=True, weights_only=False)["global_step"])
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
     domains = data.resolved.names
     model = PretrainingModule(cfg.model, cfg.tasks, cfg.optim, domains=domains)
     model._log_hyperparams = False  # the loggers get the whole resolved config below, not just the model's part
     loggers = build_loggers(cfg, run_dir, resume_step)
-    for lg in loggers:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        trainer = L.Trainer(
+            default_root_dir=str(run_dir),
+            max_steps=cfg.trainer.max_steps,
+            max_epochs=-1,
+            val_check_interval=cfg.trainer.val_check_interval,
+            check_val_every_n_epoch=None,
+            limit_val_batches=cfg.trainer.limit_val_batches,
+            accelerator=cfg.trainer.accelerator,
+            devices=cfg.trainer.devices,
+            num_nodes=cfg.trainer.num_nodes,
+            strategy=cfg.trainer.strategy,
+            precision=cfg.trainer.precision,
+            gradient_clip_val=cfg.trainer.gradient_clip_val or None,
+            accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+            log_every_n_steps=cfg.trainer.log_every_n_steps,
+            deterministic=cfg.trainer.deterministic,
+            enable_progress_bar=cfg.trainer.progress_bar,
+            logger=loggers or False,
+            callbacks=build_callbacks(cfg, run_dir, domains),
+            use_distributed_sampler=False,  # the stream shards work across ranks itself
+            num_sanity_val_steps=0,
+        )
+    except (MisconfigurationException, TypeError, ValueError) as e:  # Lightning refusing a trainer.* combination,
+        # e.g. trainer.devices=-1 with trainer.accelerator=cpu
+        raise UserError(f"trainer: {e}") from None
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    for lg in loggers:  # each logger writes on rank zero only
         lg.log_hyperparams(hparams(cfg))
-    trainer = L.Trainer(
-        default_root_dir=str(run_dir),
-        max_steps=cfg.trainer.max_steps,
-        max_epochs=-1,
-        val_check_interval=cfg.trainer.val_check_interval,
-        check_val_every_n_epoch=None,
-        limit_val_batches=cfg.trainer.limit_val_batches,
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision,
-        gradient_clip_val=cfg.trainer.gradient_clip_val or None,
-        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        deterministic=cfg.trainer.deterministic,
-        enable_progress_bar=cfg.trainer.progress_bar,
-        logger=loggers or False,
-        callbacks=build_callbacks(cfg, run_dir, domains),
-        use_distributed_sampler=False,  # the stream shards work across ranks itself
-        num_sanity_val_steps=0,
-    )
     trainer.fit(model, datamodule=data, ckpt_path=resume)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     best = best if best and Path(best).exists() else ""

