@@ -126,7 +126,8 @@ class TasksConfig:
     """Bin boundaries of the long-range task in Å (classes = boundaries + 1); log-spaced from the radius cutoff
     (long-range pairs are never input edges) to 64 Å, matching the loader's ``lr_strata_A``."""
     graph_context: bool = True
-    """Every head also reads its molecule's pooled graph embedding, so the pooling (P) block trains with the tasks."""
+    """Every head also reads its molecule's pooled graph embedding, so the pooling (P) block trains with the tasks
+    (false: P gets no gradient and its graph embeddings stay random)."""
     head_hidden: int = 256
     """Hidden width of every task head's MLP (features)."""
     per_domain_every_n_steps: int = 10
