@@ -32,7 +32,7 @@ def test_multidomain_config_matches_the_seed_setup():
     cfg = load_config(REPO / "configs" / "multidomain.yaml")
     assert cfg.data.max_atoms == 25_000 and cfg.data.mix_by == "atoms"
     assert {d.name: d.weight for d in cfg.data.domains} == {"protein": 60, "small_molecule": 25, "metabolite": 10, "rna": 5}
-    assert cfg.model.layers == "M S M S M S P" and cfg.model.dim == 256 and cfg.model.num_heads == 16
+    assert cfg.model.layers == "M S M S M S P" and cfg.model.dim == 256 and cfg.model.num_heads == 8  # head_dim 32 (issue 14)
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.early_stopping_patience == 15
     assert (cfg.tasks.long_range_weight, cfg.tasks.short_range_weight, cfg.tasks.mlm_weight) == (1.5, 1.0, 0.3)
 
