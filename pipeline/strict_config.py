@@ -106,22 +106,30 @@ def build(cls, data: dict, path: str = ""):
         raise ConfigError(f"{path or 'config'}: {e}") from None
 
 
+def shown_override(item: str) -> str:
+    """An override as messages may show it: a URL value keeps its shape, its credentials and query are hidden."""
+    from pipeline.storage.base import redact_url
+
+    dotted, sep, raw = item.partition("=")
+    return f"{dotted}{sep}{redact_url(raw.strip())}" if sep and "://" in raw else item
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` strings to a nested mapping (values parsed as YAML scalars/lists)."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
+            raise ConfigError(f"override {shown_override(item)!r} must look like key.sub=value")
         dotted, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+            raise ConfigError(f"override {shown_override(item)!r}: value is not valid YAML ({e})") from None
         node = data
         parts = dotted.strip().split(".")
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
+                raise ConfigError(f"override {shown_override(item)!r}: {p!r} is a value, not a section")
             node = nxt
         node[parts[-1]] = value
     return data

@@ -16,7 +16,7 @@ from model.config import ModelConfig, OptimConfig, TasksConfig
 from pipeline.config import DataConfig
 from pipeline.paths import resolve_data_paths
 from pipeline.paths import resolve_paths as resolve_paths_at
-from pipeline.strict_config import ConfigError, apply_overrides, build, load_yaml, to_dict
+from pipeline.strict_config import ConfigError, apply_overrides, build, load_yaml, shown_override, to_dict
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp")
@@ -217,7 +217,7 @@ def load(source: str | Path, overrides: list[str] | None = None, base: Path | No
         try:
             build(Config, apply_overrides(_copy(doc), overrides[: i + 1]))
         except ConfigError as e:
-            raise ConfigError(f"command-line override {item!r}: {e}") from None
+            raise ConfigError(f"command-line override {shown_override(item)!r}: {e}") from None
     cfg = build(Config, apply_overrides(doc, overrides))
     for dotted in list(paths):
         if any(o.split("=", 1)[0].strip() == dotted for o in overrides):

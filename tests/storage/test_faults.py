@@ -65,7 +65,7 @@ def test_persistent_faults_give_up_with_a_clear_error(s3_env, objects):
         with pytest.raises(storage.StorageError, match=r"s3://shards/data/obj-02.tar .* 3 consecutive .*HTTP 503"):
             storage.open_stream(f"s3://{BUCKET}/data/obj-02.tar",
                                 options=fast_options(endpoint_url=proxy.endpoint, max_attempts=3))
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 60  # catches a hang, not a speed bound (the counters pin the behaviour)
         assert proxy.counts["503"] == 3
     assert storage.stats["retries"] == 2 and storage.stats["errors"] == 1
 

