@@ -108,7 +108,7 @@ def raw_samples(src: str, radius_A: float, max_neighbors: int) -> Iterator:
     rejected = 0
     for path, rel in raw_files(src):
         domain = domain_from_path(Path(rel)) or "raw"
-        for rec in read_file(path):
+        for rec in read_file(path, rel):
             reason = rec.reason if isinstance(rec, Rejection) else validate(rec, None)
             if reason is not None:
                 rejected += 1

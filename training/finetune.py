@@ -120,6 +120,15 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _resume_step(resume: str | None) -> int | None:
+    """The global step of the checkpoint a run resumes from (metrics.csv keeps the rows before it)."""
+    if resume is None:
+        return None
+    import torch
+
+    return int(torch.load(resume, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+
+
 def run(cfg, resume: str | None = None) -> dict:
     """Fine-tune under ``cfg``; return the metrics dict (also written to run_dir/metrics.json)."""
     import lightning as L
@@ -174,7 +183,7 @@ def run(cfg, resume: str | None = None) -> dict:
         deterministic=cfg.trainer.deterministic,
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
-        logger=build_loggers(cfg, run_dir) or False,
+        logger=build_loggers(cfg, run_dir, _resume_step(resume)) or False,
         callbacks=build_callbacks(cfg, run_dir),
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
