@@ -450,10 +450,10 @@ class Attention(nn.Module):
         o = attend_atoms(
             self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x)), kind, layout, backend, p, edge_bias
         )  # [N, H, d]
-        return self.out(o.reshape(x.shape[0], -1))  # [N, D]
+        return self.out(o.reshape(x.shape[0], self.num_heads * self.head_dim))  # [N, D] (N may be 0: an empty padding batch)
 
     def pool(self, seeds: Tensor, x: Tensor, layout: AttentionLayout, backend: str) -> Tensor:
         """Seeds [S, D] attend to each molecule of x [N, D] -> [G, S, D]."""
         p = self.attn_dropout if self.training else 0.0
         o = attend_pool(self._heads(self.q(seeds)), self._heads(self.k(x)), self._heads(self.v(x)), layout, backend, p)
-        return self.out(o.reshape(*o.shape[:2], -1))  # [G, S, H, d] -> [G, S, D]
+        return self.out(o.reshape(*o.shape[:2], self.num_heads * self.head_dim))  # [G, S, H, d] -> [G, S, D]
