@@ -112,8 +112,8 @@ def _print_human(s: dict) -> None:
 def run(cfg: DataConfig, batches: int | None, one_pass: bool, workers: int | None) -> dict:
     import numpy as np
 
-    from pipeline.loader import TrainLoader, eval_loader, resolve
     from pipeline.items import COUNTERS
+    from pipeline.loader import TrainLoader, eval_loader, resolve
 
     t0 = time.perf_counter()
     res = resolve(cfg)
