@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from pipeline.collate import MASK_TOKEN
@@ -69,6 +70,40 @@ class GaussianLayer(nn.Module):
         x = self.mul(pair) * dist.unsqueeze(-1) + self.bias(pair)  # [E, 1]
         std = self.stds.abs() + 1e-3
         return torch.exp(-0.5 * ((x - self.means) / std) ** 2) / (math.sqrt(2 * math.pi) * std)  # [E, K]
+
+
+GAUSSIAN_CHUNK_ELEMENTS = 1 << 22
+"""Edges × Gaussians evaluated at once when the basis is only summed per atom (4 M floats, 16 MB fp32)."""
+
+
+def _chunk_gaussian_sum(
+    layer: GaussianLayer, dist: Tensor, env: Tensor, type_dst: Tensor, type_src: Tensor, dst: Tensor, n: int
+) -> Tensor:
+    """Sum over one chunk of edges of their enveloped Gaussian features into their destination atoms, [N, K]."""
+    g = layer(dist, type_dst, type_src) * env.unsqueeze(-1)  # [e, K]
+    return torch.zeros(n, g.shape[1], device=g.device, dtype=g.dtype).index_add_(0, dst, g)
+
+
+def gaussian_sum(
+    layer: GaussianLayer, dist: Tensor, env: Tensor, type_dst: Tensor, type_src: Tensor, dst: Tensor, n: int,
+    chunk_elements: int = GAUSSIAN_CHUNK_ELEMENTS,
+) -> Tensor:
+    """Per-atom sum [N, K] of the enveloped Gaussian features of its incoming edges without keeping [E, K]:
+    edges go in chunks of ``chunk_elements // K``, each under activation checkpointing, so backward
+    recomputes a chunk's basis instead of saving it (saved: O(E) inputs plus O(N·K) per chunk)."""
+    k = layer.means.shape[0]
+    step = max(1, chunk_elements // k)
+    e = dist.shape[0]
+    if e <= step:
+        return _chunk_gaussian_sum(layer, dist, env, type_dst, type_src, dst, n)
+    out = None
+    for a in range(0, e, step):
+        b = min(e, a + step)
+        args = (layer, dist[a:b], env[a:b], type_dst[a:b], type_src[a:b], dst[a:b], n)
+        part = checkpoint(_chunk_gaussian_sum, *args, use_reentrant=False) if torch.is_grad_enabled() else (
+            _chunk_gaussian_sum(*args))
+        out = part if out is None else out + part
+    return out
 
 
 def cosine_envelope(dist: Tensor, cutoff: float) -> Tensor:
@@ -139,10 +174,14 @@ class AtomEncoder(nn.Module):
         )
         n_geo = NUM_GEOMETRY_FEATURES + cfg.rwpe_steps
         self.geometry_proj = nn.Sequential(nn.Linear(n_geo, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        self.keep_edge_features = cfg.distance_bias
+        self.chunk_elements = GAUSSIAN_CHUNK_ELEMENTS
 
-    def forward(self, z: Tensor, pos: Tensor, edge_index: Tensor, bond_index: Tensor) -> tuple[Tensor, Tensor]:
-        """Atom embeddings [N, D] and the Gaussian features of every edge of ``edge_index`` [E, K]
-        (the M blocks' optional distance bias reads them)."""
+    def forward(self, z: Tensor, pos: Tensor, edge_index: Tensor, bond_index: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Atom embeddings [N, D] and, when the M blocks read a distance bias (``model.distance_bias``), the
+        Gaussian features of every edge of ``edge_index`` [E, K]; otherwise ``None``, and the basis is
+        summed per atom in checkpointed edge chunks, never held as [E, K] (the largest encoder tensor:
+        0.5 GB at 25 000 atoms)."""
         n = z.shape[0]
         check_types(z)
         types = z  # [N]: the loader already replaced masked elements by MASK_TOKEN
@@ -153,9 +192,13 @@ class AtomEncoder(nn.Module):
         if self.rwpe_steps:
             feats = torch.cat([feats, random_walk_pe(n, bond_index, self.rwpe_steps, feats.dtype)], dim=-1)
         env = cosine_envelope(dist, self.cutoff)  # [E]
-        g = self.gaussian(dist, types[dst], types[src]) * env.unsqueeze(-1)  # [E, K]
-        g_sum = torch.zeros(n, g.shape[1], device=g.device, dtype=g.dtype).index_add_(0, dst, g)  # [N, K]
-        env_sum = torch.zeros(n, device=g.device, dtype=g.dtype).index_add_(0, dst, env)  # [N]
+        if self.keep_edge_features:
+            g = self.gaussian(dist, types[dst], types[src]) * env.unsqueeze(-1)  # [E, K]
+            g_sum = torch.zeros(n, g.shape[1], device=g.device, dtype=g.dtype).index_add_(0, dst, g)  # [N, K]
+        else:
+            g = None
+            g_sum = gaussian_sum(self.gaussian, dist, env, types[dst], types[src], dst, n, self.chunk_elements)
+        env_sum = torch.zeros(n, device=dist.device, dtype=g_sum.dtype).index_add_(0, dst, env)  # [N]
         g_mean = g_sum / env_sum.clamp(min=1.0).unsqueeze(-1)  # [N, K]
         x = self.type_embed(types) + self.period_embed(period) + self.gaussian_proj(g_mean) + self.geometry_proj(feats)
         return x, g

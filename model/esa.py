@@ -38,7 +38,7 @@ class AtomBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = MLP(dim, cfg.mlp_hidden, cfg.dropout)
 
-    def forward(self, x: Tensor, layout: AttentionLayout, backend: str, edge_feats: Tensor) -> Tensor:
+    def forward(self, x: Tensor, layout: AttentionLayout, backend: str, edge_feats: Tensor | None) -> Tensor:
         x = self.proj_in(x)  # [N, D]
         bias = self.edge_bias(edge_feats) if self.edge_bias is not None else None  # [E, H]
         x = x + self.drop(self.attn(self.norm_attn(x), self.kind, layout, backend, bias))
@@ -71,7 +71,8 @@ class PoolingBlock(nn.Module):
 class ESA(nn.Module):
     """The backbone: atom blocks, a final norm, and pooling. Returns ``(node [N, D], graph [G, Dg])``.
 
-    ``edge_feats`` [E, K]: the encoder's Gaussian features of every edge (read by M blocks with a distance bias).
+    ``edge_feats`` [E, K]: the encoder's Gaussian features of every edge, read by M blocks with a distance bias
+    (``None`` when ``model.distance_bias`` is off: the encoder then never materialises them).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -89,7 +90,7 @@ class ESA(nn.Module):
         self.pool = PoolingBlock(in_dim, dims[-1], heads[-1], cfg) if letters[-1] == "P" else None
         self.graph_dim = dims[-1] if self.pool is not None else in_dim
 
-    def forward(self, x: Tensor, layout: AttentionLayout, backend: str, edge_feats: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, layout: AttentionLayout, backend: str, edge_feats: Tensor | None) -> tuple[Tensor, Tensor]:
         for block in self.blocks:
             x = block(x, layout, backend, edge_feats)  # [N, D]
         node = self.norm(x)  # [N, D]

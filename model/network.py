@@ -91,7 +91,7 @@ class MolecularESA(nn.Module):
         _check_batch(batch)
         backend = resolve_backend(backend, batch.z.device) if backend else self.backend_for(batch.z.device)
         layout = AttentionLayout.build(batch.ptr, batch.batch, batch.edge_index)
-        x, edge_feats = self.encoder(batch.z, batch.pos, batch.edge_index, batch.bond_index)  # [N, D], [E, K]
+        x, edge_feats = self.encoder(batch.z, batch.pos, batch.edge_index, batch.bond_index)  # [N, D], [E, K] or None
         node, graph = self.backbone(x, layout, backend, edge_feats)
         preds = self.tasks(node, graph, batch) if (with_tasks and self.tasks is not None) else {}
         return ModelOutput(node_embeddings=node, graph_embeddings=graph, predictions=preds)
