@@ -9,6 +9,9 @@
    seed's worst case (``eval25k``: 24,995 atoms with one 13,434-atom molecule) for each fast backend,
    and on the small check batch for all backends including dense (same run); then the 25 k step
    for each ``--heads`` choice (width 256: 16 heads = head_dim 16, which flash kernels pad to 32).
+4. FlexAttention as the M and S kernel (``benchmarks/flex_attention.py``) vs ours on the 25 k batch,
+   forward + backward, with its error against ours; an error there is reported in the line, not fatal
+   (``--no-flex`` skips it).
    Reports atoms/s, peak GPU memory and an MFU estimate from an analytic FLOP count (matmuls only;
    train = 3 x forward).
 
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder written by benchmarks/batches.py (check.tar, eval25k.tar)")
     ap.add_argument("--heads", default="16,8,4", help="head counts timed on the 25 k batch (width 256)")
     ap.add_argument("--steps", type=int, default=5, help="timed train steps per backend (median reported)")
+    ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention measurement (step 4)")
     ap.add_argument("--device", default="cuda", help="cuda (default); 'cpu' only smoke-tests this script")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -198,6 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     for h in (int(x) for x in args.heads.split(",") if x):
         timing_heads[f"{fast}_heads{h}_dim{256 // h}"] = time_backend(big, fast, device, args.steps, heads=h)
         log.info("heads %d: %s", h, timing_heads[f"{fast}_heads{h}_dim{256 // h}"])
+    flex: dict = {"skipped": True}
+    if not args.no_flex:
+        try:
+            from benchmarks.flex_attention import measure
+
+            flex = measure(big, device, heads=8)
+        except Exception as err:  # an optional comparison: report, never lose the line above
+            flex = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+        log.info("flex: %s", flex)
     line = {
         "benchmark": "gpu_check",
         "ok": ok,
@@ -211,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                       "max_atoms_per_molecule": int((big.ptr[1:] - big.ptr[:-1]).max()),
                       "edges": int(big.edge_index.shape[1]), **timing_big},
         "heads_on_eval25k": timing_heads,
+        "flex_attention_on_eval25k": flex,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     print(json.dumps(line))

@@ -321,3 +321,21 @@ def test_gpu_check_runs_without_the_packages_the_gpu_image_lacks(tmp_path):
     assert result[1] == "2", "exit status 2 without CUDA"
     assert float(result[2]) <= RTOL and int(result[3]) == 4, "sparse M, M with bias, S, P equal dense on CPU"
     assert result[4] == "[]", f"blocked modules were imported: {result[4]}"
+
+
+def test_flex_benchmark_neighbour_bitmap_equals_the_pair_list():
+    """benchmarks/flex_attention.py's M mask: bit kv of row q set exactly for the listed pairs (bit 63, the
+    int64 sign bit, and repeated pairs included)."""
+    from benchmarks.flex_attention import adjacency_bits
+
+    n = 200
+    g = torch.Generator().manual_seed(0)
+    src = torch.cat([torch.randint(0, n, (3000,), generator=g), torch.tensor([63, 127, 63])])
+    dst = torch.cat([torch.randint(0, n, (3000,), generator=g), torch.tensor([0, 5, 0])])
+    bits = adjacency_bits(n, src, dst)
+    assert bits.shape == (n, 4)
+    q, kv = torch.arange(n)[:, None].expand(n, n), torch.arange(n)[None].expand(n, n)
+    got = ((bits[q, kv // 64] >> (kv % 64)) & 1) == 1
+    want = torch.zeros(n, n, dtype=torch.bool)
+    want[dst, src] = True
+    assert torch.equal(got, want)
