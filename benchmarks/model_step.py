@@ -10,8 +10,10 @@ batch is sized for it to fit in a few GB (one protein + 23 small molecules); ``-
 chosen backend run alone on bigger batches.
 
 ``--batch eval25k`` runs the seed's worst case instead (24,995 atoms, one 13,434-atom molecule, built
-by ``benchmarks/batches.py``) against ``--baseline sparse_old``: the previous edge-wise M kernel
-(autograd through [E, D] gathers), kept here only, benchmark-side, for this side-by-side record.
+by ``benchmarks/batches.py``) against ``--baseline sparse_old``: the sparse backend as it was before issue 14
+(edge-wise M kernel with autograd through [E, D] gathers, the encoder's [E, K] Gaussian basis kept for
+backward, strided per-bucket SDPA inputs; only the S path's full-input copy per bucket is not reproduced),
+kept here only, benchmark-side, for this side-by-side record.
 Peak RSS per backend (own subprocess) and memory per 1 k attention pairs (edges + self) are printed.
 
     python benchmarks/model_step.py [--proteins 1] [--small 16] [--metabolites 7] [--steps 3]
@@ -40,6 +42,11 @@ PROTEINS = ["2xdgA.pdb", "2xcjA.pdb", "2cviA.pdb", "1i8nA.pdb", "1mr1D.pdb", "1l
 DOMAINS = ["protein", "small_molecule", "metabolite", "rna"]
 
 log = logging.getLogger("model_step")
+
+
+def old_gather_bucket(x, b):
+    """Per-bucket gather before issue 14 (benchmark-only baseline): strided [b, H, L, d] view handed to SDPA."""
+    return x[b.gather].transpose(1, 2)
 
 
 def old_edge_attention(q, k, v, src, dst, dropout_p, bias=None):
@@ -105,10 +112,13 @@ def worker(args) -> dict:
         import model.attention
 
         model.attention.edge_attention = old_edge_attention
+        model.attention._gather_bucket = old_gather_bucket
         backend = "sparse"
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tasks = TasksConfig()
     net = MolecularESA(ModelConfig(num_heads=args.heads), tasks).train()
+    if args.worker == "sparse_old":
+        net.encoder.keep_edge_features = True  # the [E, K] Gaussian basis held for backward, as before issue 14
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     weights = {t: tasks.weight(t) for t in tasks.tasks}
     train_step(net, opt, batch, backend, weights)  # warm-up
