@@ -42,7 +42,6 @@ split, the samples of all its shards in order form one global permutation (seede
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -346,7 +345,14 @@ _ST_DTYPES = {k: np.dtype(v) for k, v in _ST_DTYPES.items()}
 
 _ST_CODES = {"U8": np.dtype(np.uint8), "I32": np.dtype(np.int32), "F32": np.dtype(np.float32),
              "U16": np.dtype(np.uint16)}
-_SPEC = {name: (next(c for c, d in _ST_CODES.items() if d == dt), dt, shape) for name, (dt, shape) in ARRAY_SCHEMA.items()}
+_SPEC = {name: (next(c for c, d in _ST_CODES.items() if d == dt), dt, shape[0], shape[1] if len(shape) > 1 else 0,
+                len(shape), dt.itemsize * (shape[1] if len(shape) > 1 else 1))
+         for name, (dt, shape) in ARRAY_SCHEMA.items()}
+"""Per array name: safetensors dtype code, dtype, first-dimension symbol, fixed width of the second dimension (0:
+none), number of dimensions, bytes per row; every array of :data:`ARRAY_SCHEMA` is ``[symbol]`` or
+``[symbol, width]``, which keeps :func:`_parse_member`'s per-array checks to a few comparisons."""
+_REQUIRED = frozenset(REQUIRED_ARRAYS)
+_JSON = json.JSONDecoder()
 
 
 def _parse_member(data: bytes) -> dict[str, np.ndarray]:
@@ -360,7 +366,7 @@ def _parse_member(data: bytes) -> dict[str, np.ndarray]:
         raise SchemaError(f"safetensors header claims {n} bytes but the member has {len(data) - 8}")
     base, avail = 8 + n, len(data) - 8 - n
     try:
-        header = json.loads(data[8:base])
+        header = _JSON.decode(data[8:base].decode())  # json.loads minus its encoding sniffing (UTF-8 by spec)
         arrays, spans, dims = {}, [], {}
         for name, info in header.items():
             if name == "__metadata__":
@@ -368,30 +374,32 @@ def _parse_member(data: bytes) -> dict[str, np.ndarray]:
             spec = _SPEC.get(name)
             if spec is None:
                 raise SchemaError(f"unknown array {name!r}; this reader knows {sorted(ARRAY_SCHEMA)}")
-            code, dt, syms = spec
+            code, dt, sym, width, ndim, row = spec
             shape = info["shape"]
             if info["dtype"] != code:
                 got = _ST_DTYPES.get(info["dtype"], info["dtype"])
                 raise SchemaError(f"array {name!r} has dtype {got}, the schema says {dt}")
-            if len(shape) != len(syms):
-                raise SchemaError(f"array {name!r} has shape {tuple(shape)}, the schema says {syms}")
-            for sym, got in zip(syms, shape, strict=True):
-                want = dims.setdefault(sym, got) if sym.__class__ is str else sym
-                if got != want or got.__class__ is not int or got < 0:
-                    raise SchemaError(f"array {name!r} has shape {tuple(shape)}, the schema says {syms} with {sym}={want}")
+            if len(shape) != ndim:
+                raise SchemaError(f"array {name!r} has shape {tuple(shape)}, the schema says {ARRAY_SCHEMA[name][1]}")
+            rows = shape[0]
+            want = dims.setdefault(sym, rows)
+            if (rows != want or rows.__class__ is not int or rows < 0
+                    or (width and (shape[1] != width or shape[1].__class__ is not int))):
+                raise SchemaError(f"array {name!r} has shape {tuple(shape)}, the schema says "
+                                  f"{ARRAY_SCHEMA[name][1]} with {sym}={want}")
             lo, hi = info["data_offsets"]
             if not (lo.__class__ is int and hi.__class__ is int and 0 <= lo <= hi <= avail):
                 raise SchemaError(f"array {name!r} has byte range {lo}..{hi} outside the member's {avail} data bytes")
-            count = math.prod(shape)
-            if hi - lo != count * dt.itemsize:
+            if hi - lo != rows * row:
                 raise SchemaError(f"array {name!r} has {hi - lo} bytes for shape {shape} {dt}")
-            arrays[name] = np.frombuffer(data, dt, count, base + lo).reshape(shape)
+            a = np.frombuffer(data, dt, rows * (width or 1), base + lo)
+            arrays[name] = a.reshape(rows, width) if width else a
             spans.append((lo, hi))
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         if isinstance(e, SchemaError):
             raise
         raise SchemaError(f"malformed safetensors member ({type(e).__name__}: {e})") from None
-    if len(arrays) < len(REQUIRED_ARRAYS) or any(r not in arrays for r in REQUIRED_ARRAYS):
+    if not arrays.keys() >= _REQUIRED:
         raise SchemaError(f"arrays {[r for r in REQUIRED_ARRAYS if r not in arrays]} are missing")
     if dims["N"] == 0:
         raise SchemaError("sample has no atoms")

@@ -158,11 +158,22 @@ def test_array_offsets_must_be_inside_and_not_overlap(small_shards):
         lo, hi = h["z"]["data_offsets"]
         h["z"]["data_offsets"] = [lo + 10**6, hi + 10**6]
 
+    def short(h):  # a byte range one byte smaller than the shape needs
+        lo, hi = h["z"]["data_offsets"]
+        h["z"]["data_offsets"] = [lo, hi - 1]
+
+    def float_width(h):  # [N, 3.0]: equal to 3, but not an integer
+        h["pos"]["shape"] = [h["pos"]["shape"][0], 3.0]
+
     with pytest.raises(SchemaError, match="overlapping"):
         decode_arrays(_with_header(data, overlap))
     for edit in (negative, outside):
         with pytest.raises(SchemaError, match="byte range"):
             decode_arrays(_with_header(data, edit))
+    with pytest.raises(SchemaError, match="'z' has .* bytes for shape"):
+        decode_arrays(_with_header(data, short))
+    with pytest.raises(SchemaError, match="'pos' has shape"):
+        decode_arrays(_with_header(data, float_width))
 
 
 # -- the index ------------------------------------------------------------------------------------------
