@@ -11,8 +11,6 @@ from model.config import ModelConfig
 from model.encoder import AtomEncoder
 from tests.model.helpers import synthetic_sample
 
-torch.set_default_dtype(torch.float32)
-
 
 def _inputs(n: int = 300, seed: int = 0):
     s = synthetic_sample("chunk", "small_molecule", n, np.random.default_rng(seed))
