@@ -9,6 +9,7 @@ its shards and runs land under the current directory.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import shutil
 import sys
@@ -251,6 +252,10 @@ def train(loaded: Loaded, resume_arg: str | None, overwrite: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if hasattr(faulthandler, "register"):  # `kill -USR1 PID` prints every thread's stack: how to see where a DDP run hangs
+        import signal
+
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         loaded = load(a.config, a.overrides)

@@ -37,6 +37,23 @@ def _cmd(shards: Path, run_dir: Path, *extra: str) -> list[str]:
             f"trainer.run_dir={run_dir}", *TINY, *extra]
 
 
+def _run_or_dump_stacks(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a training process; if it is still running after ``timeout`` s, make every process of its group
+    (launcher, DDP ranks, loader workers) print its threads' stacks (training.run registers SIGUSR1), kill the
+    group and fail with those stacks: a hang is reported with where it hangs, not as a bare timeout."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGUSR1)
+        time.sleep(5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"still running after {timeout} s; stacks and stderr:\n{err[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _weights(ckpt: Path) -> dict:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
@@ -89,10 +106,10 @@ def test_bad_config_value_fails_fast_with_the_fix(demo_shards, tmp_path):
 
 def test_ddp_two_cpu_processes_run_to_the_end(demo_shards, tmp_path):
     run_dir = tmp_path / "ddp"
-    r = subprocess.run(_cmd(demo_shards, run_dir, "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu",
-                            "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.checkpoint_every_n_steps=3",
-                            "trainer.test_after_fit=true", "trainer.log_every_n_steps=1"),
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    r = _run_or_dump_stacks(_cmd(demo_shards, run_dir, "trainer.devices=2", "trainer.strategy=ddp",
+                                 "trainer.accelerator=cpu", "trainer.max_steps=6", "trainer.val_check_interval=3",
+                                 "trainer.checkpoint_every_n_steps=3", "trainer.test_after_fit=true",
+                                 "trainer.log_every_n_steps=1"), timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "world_size: 2" in r.stderr or "MEMBER: 2/2" in r.stderr
     metrics = (run_dir / "logs" / "metrics.csv").read_text()
