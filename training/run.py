@@ -250,12 +250,23 @@ def train(loaded: Loaded, resume_arg: str | None, overwrite: bool) -> int:
     return 0
 
 
+def _stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's stack to the process's real stderr (fd 2): how to see where a DDP
+    run hangs. Written to ``sys.__stderr__``, not ``sys.stderr``, which may be a capture object without a file
+    descriptor (pytest, notebooks); where there is none at all, nothing is registered."""
+    if not hasattr(faulthandler, "register") or sys.__stderr__ is None:
+        return
+    import signal
+
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    except (OSError, ValueError):  # stderr closed or without a descriptor (io.UnsupportedOperation is an OSError)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    if hasattr(faulthandler, "register"):  # `kill -USR1 PID` prints every thread's stack: how to see where a DDP run hangs
-        import signal
-
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _stacks_on_sigusr1()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         loaded = load(a.config, a.overrides)

@@ -26,9 +26,16 @@ TINY = [
 ]
 
 
+# Set by in-process Lightning runs of earlier tests (seed_everything) or by a launcher around pytest; a training
+# subprocess that inherited them would seed or join a process group the test did not ask for.
+_INHERITED = ("WANDB_API_KEY", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE",
+              "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+
+
 def _env() -> dict:
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
-    env.pop("WANDB_API_KEY", None)
+    for key in _INHERITED:
+        env.pop(key, None)
     return env
 
 
