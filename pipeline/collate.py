@@ -223,20 +223,31 @@ def mask_atoms(counts: np.ndarray, fraction: float, rng: np.random.Generator) ->
 
 def masked_neighbours(pos: np.ndarray, gid: np.ndarray, atoms: np.ndarray, opt: CollateOptions) -> np.ndarray:
     """Radius pairs (i < j) touching ``atoms`` on positions ``pos``: each listed atom's ``max_neighbors`` nearest
-    atoms of its own molecule within ``radius_A`` (molecules are moved apart so one tree serves the batch)."""
-    if len(atoms) == 0 or len(pos) < 2:
+    atoms of its own molecule within ``radius_A`` (molecules are moved apart so one tree serves the batch).
+
+    A pair of a listed and an unlisted atom is found once (only the listed end is queried), so only pairs of two
+    listed atoms, found from either end, are deduplicated: the union of both ends' neighbour lists, never a pair
+    twice. Order: the pairs with one listed atom in query order, then those of two listed atoms sorted."""
+    n = len(pos)
+    if len(atoms) == 0 or n < 2:
         return np.zeros((0, 2), np.int64)
     p = pos.astype(np.float64)
     width = float(np.ptp(p[:, 0])) + 2 * opt.radius_A + 1.0
     p[:, 0] += gid * width  # molecule g occupies its own slab of x: no pair across molecules is within the radius
-    k = min(opt.max_neighbors + 1, len(p))
-    dist, idx = cKDTree(p).query(p[atoms], k=k, distance_upper_bound=opt.radius_A)
+    k = min(opt.max_neighbors + 1, n)
+    # an unbalanced, non-compact tree builds ~2x faster and queries as fast on atom clouds
+    tree = cKDTree(p, balanced_tree=False, compact_nodes=False)
+    dist, idx = tree.query(p[atoms], k=k, distance_upper_bound=opt.radius_A)
     dist, idx = dist.reshape(len(atoms), k), idx.reshape(len(atoms), k)
     src = np.broadcast_to(atoms[:, None], idx.shape)
-    ok = (idx < len(p)) & (idx != src) & (dist <= opt.radius_A)
-    pairs = np.stack([src[ok], idx[ok]], axis=1)
-    codes = np.unique(_pair_codes(pairs, len(p)))  # a pair of two masked atoms is found from both ends
-    return np.stack([codes // len(p), codes % len(p)], axis=1)
+    ok = (idx < n) & (idx != src) & (dist <= opt.radius_A)
+    s, d = src[ok], idx[ok]
+    listed = np.zeros(n, bool)
+    listed[atoms] = True
+    both = listed[d]
+    one = np.stack([np.minimum(s[~both], d[~both]), np.maximum(s[~both], d[~both])], axis=1)
+    codes = np.unique(_pair_codes(np.stack([s[both], d[both]], axis=1), n))
+    return np.concatenate([one.astype(np.int64, copy=False), np.stack([codes // n, codes % n], axis=1)])
 
 
 def _long_range_pairs(

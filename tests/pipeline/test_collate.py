@@ -78,6 +78,9 @@ def test_masked_atoms_are_hidden_noised_and_unbonded(batch, samples):
         d = np.linalg.norm(batch.pos.numpy() - batch.pos.numpy()[a], axis=1)
         want = set(np.flatnonzero((d <= RADIUS) & (g == g[a])).tolist()) - {a}
         assert set(ei[0][ei[1] == a].tolist()) == want
+    n = batch.num_nodes
+    directed = ei[0].astype(np.int64) * n + ei[1]
+    assert len(np.unique(directed)) == len(directed), "an edge is listed twice (a pair of two masked atoms?)"
 
 
 def test_every_molecule_of_two_or_more_atoms_is_masked(batch):
