@@ -223,13 +223,14 @@ def seed_chunks_from_shards(shards: Path, out: Path) -> None:
     for ix in res.train:
         f = ShardFetcher(ix)
         data = []
-        for i, raw in enumerate(f.read_run(np.arange(len(ix)))):
-            s = decode_member(raw, ix, i, "raise")
-            e = torch.from_numpy(s.edges.astype(np.int64)).T
-            ei = torch.cat([e, e.flip(0)], 1)
-            pos = torch.from_numpy(s.pos.copy())
-            data.append(Data(z=torch.from_numpy(s.z.astype(np.int64)), pos=pos, edge_index=ei,
-                             edge_attr=(pos[ei[0]] - pos[ei[1]]).norm(dim=1, keepdim=True), num_nodes=s.num_atoms))
+        for run in f.runs(np.arange(len(ix))):  # read_run reads consecutive members of one shard
+            for i, raw in zip(run.tolist(), f.read_run(run), strict=True):
+                s = decode_member(raw, ix, i, "raise")
+                e = torch.from_numpy(s.edges.astype(np.int64)).T
+                ei = torch.cat([e, e.flip(0)], 1)
+                pos = torch.from_numpy(s.pos.copy())
+                data.append(Data(z=torch.from_numpy(s.z.astype(np.int64)), pos=pos, edge_index=ei,
+                                 edge_attr=(pos[ei[0]] - pos[ei[1]]).norm(dim=1, keepdim=True), num_nodes=s.num_atoms))
         f.close()
         d = out / f"{ix.name}_chunk_0" / "processed"
         d.mkdir(parents=True)
@@ -283,7 +284,8 @@ def many_shards(shards: Path, out: Path, n_shards: int, per_shard: int = 5) -> N
     res = resolve(DataConfig(root=str(shards), domains=({"name": "small_molecule"},), oversize_policy="crop"))
     ix = res.train[0]
     f = ShardFetcher(ix)
-    pool = [decode_member(r, ix, i, "raise") for i, r in enumerate(f.read_run(np.arange(min(len(ix), 200))))]
+    run = f.runs(np.arange(min(len(ix), 200)))[0]
+    pool = [decode_member(r, ix, i, "raise") for i, r in zip(run.tolist(), f.read_run(run), strict=True)]
     rows = {c: [] for c in ("key", "domain", "split", "shard", "offset", "size", "num_atoms", "num_bonds",
                             "num_edges", "source", "record")}
     (out / "small_molecule").mkdir(parents=True)

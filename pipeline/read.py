@@ -95,6 +95,9 @@ class ShardFetcher:
         ix = self.index
         first, last = int(ids[0]), int(ids[-1])
         shard = int(ix.shard[first])
+        if last - first + 1 != len(ids) or int(ix.shard[last]) != shard:
+            raise ValueError(f"read_run takes consecutive members of one shard (split with runs()); got ids "
+                             f"{first}..{last} ({len(ids)} ids) in shards {shard}..{int(ix.shard[last])}")
         start, end = int(ix.offset[first]), int(ix.offset[last] + ix.size[last])
         known = self._readable.get(shard)
         data = b""

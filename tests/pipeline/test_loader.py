@@ -202,3 +202,24 @@ def test_config_errors_name_the_field_and_fix(small_shards):
     cfg = build(DataConfig, {"root": "x", "domains": [{"name": "protein", "weight": 0.7},
                                                       {"name": "rna", "weight": 0.3, "root": "y"}]}, "data")
     assert cfg.domains[1].root == "y" and cfg.domains[0].weight == 0.7
+
+
+def test_read_run_refuses_ids_that_are_not_one_shards_consecutive_members(small_shards):
+    """read_run reads one byte range; ids with a gap or across shards would silently come back as None."""
+    import dataclasses
+
+    from pipeline.read import ShardFetcher
+
+    ix = next(i for i in resolve(config(small_shards)).train if len(i) >= 10)
+    f = ShardFetcher(ix)
+    try:
+        assert all(d is not None for d in f.read_run(np.arange(5)))
+        with pytest.raises(ValueError, match=r"consecutive members of one shard .* ids 0\.\.4 \(3 ids\)"):
+            f.read_run(np.array([0, 2, 4]))
+        two = dataclasses.replace(ix, shard=np.where(np.arange(len(ix)) < 3, 0, 1).astype(np.int32),
+                                  shard_urls=ix.shard_urls * 2)
+        with pytest.raises(ValueError, match=r"in shards 0\.\.1"):
+            ShardFetcher(two).read_run(np.arange(5))
+        assert [len(r) for r in ShardFetcher(two).runs(np.arange(5))] == [3, 2]
+    finally:
+        f.close()
