@@ -45,9 +45,8 @@ class PeakRss:
     def __init__(self) -> None:
         import threading
 
-        self.pid, self.peak, self._stop = os.getpid(), 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.pid, self.peak = os.getpid(), 0
+        threading.Thread(target=self._run, daemon=True).start()  # sampling until the phase's process exits
 
     @staticmethod
     def _rss_kb(pid: int) -> int:
@@ -68,8 +67,9 @@ class PeakRss:
         self.peak = max(self.peak, self._rss_kb(self.pid) + sum(self._rss_kb(c) for c in self._children()))
 
     def _run(self) -> None:
-        while not self._stop.wait(0.01):
+        while True:
             self.sample()
+            time.sleep(0.01)
 
     def mb(self) -> float:
         self.sample()

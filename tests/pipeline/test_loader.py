@@ -205,7 +205,8 @@ def test_config_errors_name_the_field_and_fix(small_shards):
 
 
 def test_read_run_refuses_ids_that_are_not_one_shards_consecutive_members(small_shards):
-    """read_run reads one byte range; ids with a gap or across shards would silently come back as None."""
+    """read_run reads one byte range of one shard: ids across shards came back as None (silently), ids with a gap
+    would read bytes nobody asked for; both are refused, naming the ids and shards."""
     import dataclasses
 
     from pipeline.read import ShardFetcher
