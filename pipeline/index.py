@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -21,6 +22,41 @@ from pipeline.schema import INDEX_DIR, MANIFEST_NAME, SPLITS, SchemaError, check
 log = logging.getLogger(__name__)
 
 TAR_BLOCK = 512
+
+MAX_KEY_BYTES = 256
+"""Longest sample key an index may hold (the converter's keys are at most 59 bytes): bounds the key column."""
+
+
+class KeyColumn:
+    """The sample keys of an index as one Arrow string array: about 4 bytes plus the key's own per row in one
+    buffer (a numpy array of Python ``str`` took ~87 bytes a row, in the main process and again in every worker).
+
+    ``keys[i]`` is a ``str``; :meth:`take` gives many at once (one Arrow call); :meth:`tolist` all of them.
+    """
+
+    __slots__ = ("_arr",)
+
+    def __init__(self, arr: pa.Array | pa.ChunkedArray) -> None:
+        self._arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+    def __len__(self) -> int:
+        return len(self._arr)
+
+    def __getitem__(self, i: int | np.integer) -> str:
+        return self._arr[int(i)].as_py()
+
+    def __iter__(self):
+        return iter(self._arr.to_pylist())
+
+    def take(self, ids: np.ndarray | list[int]) -> list[str]:
+        return self._arr.take(pa.array(np.asarray(ids, np.int64))).to_pylist()
+
+    def tolist(self) -> list[str]:
+        return self._arr.to_pylist()
+
+    @property
+    def nbytes(self) -> int:
+        return self._arr.nbytes
 
 
 @dataclass
@@ -31,20 +67,20 @@ class DomainIndex:
     split: str
     root: str
     shard_urls: list[str]
-    keys: np.ndarray  # object [n]
+    keys: KeyColumn  # [n]
     shard: np.ndarray  # int32 [n], index into shard_urls
     offset: np.ndarray  # int64 [n], byte offset of the member data in the tar
     size: np.ndarray  # int64 [n], member bytes
-    num_atoms: np.ndarray  # int64 [n]
-    num_edges: np.ndarray  # int64 [n], stored radius pairs (each once)
-    crc32: np.ndarray | None  # int64 [n], zlib.crc32 of each member (None: an index written before it existed)
+    num_atoms: np.ndarray  # int32 [n]
+    num_edges: np.ndarray  # int32 [n], stored radius pairs (each once)
+    crc32: np.ndarray | None  # uint32 [n], zlib.crc32 of each member (None: an index written before it existed)
     radius_A: float
     max_neighbors: int
     shard_sha256: list[str | None] | None = None  # per shard_urls entry, from the manifest (None: not listed)
     options: storage.StorageOptions | None = None  # how this root is read (data.storage); None: process default
 
     def __len__(self) -> int:
-        return int(self.keys.shape[0])
+        return len(self.keys)
 
     @property
     def total_atoms(self) -> int:
@@ -70,6 +106,14 @@ def read_manifest(root: str, options: storage.StorageOptions | None = None) -> d
 
 
 REQUIRED_COLUMNS = ("key", "split", "shard", "offset", "size", "num_atoms", "num_edges")
+
+
+def dictionary_codes(column: pa.ChunkedArray | pa.Array) -> tuple[list, np.ndarray]:
+    """(distinct values, int32 code of every row) of a column, read as a dictionary or encoded here."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not pa.types.is_dictionary(col.type):
+        col = col.dictionary_encode()
+    return col.dictionary.to_pylist(), col.indices.to_numpy(zero_copy_only=False).astype(np.int32)
 
 
 def _bad_row(rel: str, table: pa.Table, row: int, what: str) -> SchemaError:
@@ -124,7 +168,8 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
     shards = manifest_shards(manifest, domain, storage.redact_url(storage.join(root, MANIFEST_NAME)))
     expected = sum(sh["samples"] for sh in shards.values())
     try:
-        pf = pq.ParquetFile(io.BytesIO(storage.read_bytes(url, options=options)))
+        # shard and split come back as dictionaries: one int32 a row instead of a string
+        pf = pq.ParquetFile(io.BytesIO(storage.read_bytes(url, options=options)), read_dictionary=["shard", "split"])
     except (pa.ArrowInvalid, OSError) as e:
         raise SchemaError(f"{where} is not a readable Parquet index: {e}") from None
     rows = pf.metadata.num_rows
@@ -136,7 +181,10 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
     missing = [c for c in REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
     if missing:
         raise SchemaError(f"{where} lacks the columns {missing}; re-convert the data with this version's converter")
-    table = pf.read()
+    try:
+        table = pf.read(columns=[*REQUIRED_COLUMNS, *(["crc32"] if "crc32" in pf.schema_arrow.names else [])])
+    except (pa.ArrowException, OSError) as e:
+        raise SchemaError(f"{where}: the index's columns cannot be read ({e}); re-convert the data") from None
     if rows == 0:
         return table
     for c in REQUIRED_COLUMNS:
@@ -148,12 +196,11 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
         size = table["size"].to_numpy().astype(np.int64)
         atoms = table["num_atoms"].to_numpy().astype(np.int64)
         edges = table["num_edges"].to_numpy().astype(np.int64)
-        shard_enc = table["shard"].combine_chunks().dictionary_encode()
-        split_enc = table["split"].combine_chunks().dictionary_encode()
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as e:
+        crc = table["crc32"].to_numpy().astype(np.int64) if "crc32" in table.column_names else np.zeros(rows, np.int64)
+        names, codes = dictionary_codes(table["shard"])
+        split_names, scodes = dictionary_codes(table["split"])
+    except (pa.ArrowException, TypeError, ValueError) as e:
         raise SchemaError(f"{where}: columns of the wrong type ({e}); re-convert the data") from None
-    names = shard_enc.dictionary.to_pylist()
-    codes = shard_enc.indices.to_numpy(zero_copy_only=False)
     for k, name in enumerate(names):
         if name not in shards:
             row = int(np.flatnonzero(codes == k)[0])
@@ -170,6 +217,7 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
                                              f"{names[codes[r]]!r} ({shard_bytes[r]} bytes in the manifest)"),
         (atoms < 1, lambda r: f"num_atoms {atoms[r]} is not positive"),
         (edges < 0, lambda r: f"num_edges {edges[r]} is negative"),
+        ((crc < 0) | (crc > 0xFFFFFFFF), lambda r: f"crc32 {crc[r]} is not a 32-bit checksum"),
     ):
         if bad.any():
             r = int(np.flatnonzero(bad)[0])
@@ -181,8 +229,6 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
         r = int(order[1:][overlap][0])
         raise _bad_row(rel, table, r, f"bytes {off[r]}..{off[r] + size[r]} overlap another row's member in shard "
                                       f"{names[codes[r]]!r}")
-    split_names = split_enc.dictionary.to_pylist()
-    scodes = split_enc.indices.to_numpy(zero_copy_only=False)
     want_split = np.array([split_names.index(shards[n]["split"]) if shards[n]["split"] in split_names else -1
                            for n in names], np.int64)[codes]
     if (want_split != scodes).any():
@@ -196,13 +242,21 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
             raise SchemaError(f"{where}: {got} rows for shard {path!r}, the manifest says {sh['samples']} samples; "
                               "index rows are missing or extra: re-convert the data")
     keys = table["key"].combine_chunks()
-    if pa.compute.count_distinct(keys).as_py() != rows:
-        k = np.asarray(keys.to_numpy(zero_copy_only=False), dtype=object)
-        uniq, first, counts = np.unique(k, return_index=True, return_counts=True)
-        dup = uniq[counts > 1][0]
-        rows_of = np.flatnonzero(k == dup)[:2].tolist()
-        raise _bad_row(rel, table, rows_of[1], f"key {dup!r} is also on row {rows_of[0]} (duplicate keys: the same "
-                                              "sample would be read twice, or land in two splits)")
+    try:
+        key_bytes = pc.binary_length(keys).to_numpy(zero_copy_only=False)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise SchemaError(f"{where}: column 'key' is not a string column ({e}); re-convert the data") from None
+    if (key_bytes > MAX_KEY_BYTES).any() or (key_bytes == 0).any():
+        r = int(np.flatnonzero((key_bytes > MAX_KEY_BYTES) | (key_bytes == 0))[0])
+        raise _bad_row(rel, table, r, f"key of {key_bytes[r]} bytes (a key has 1..{MAX_KEY_BYTES})")
+    by_key = pc.sort_indices(keys)  # sorted, equal keys are neighbours (a hash set took ~350 B a row)
+    ordered = keys.take(by_key)
+    same = pc.equal(ordered[1:], ordered[:-1]).to_numpy(zero_copy_only=False)
+    if same.any():
+        j = int(np.flatnonzero(same)[0])
+        first, second = sorted(by_key.to_numpy()[[j, j + 1]].tolist())
+        raise _bad_row(rel, table, second, f"key {ordered[j].as_py()!r} is also on row {first} (duplicate keys: the "
+                                           "same sample would be read twice, or land in two splits)")
     return table
 
 
@@ -221,12 +275,23 @@ def load_domain_index(root: str, domain: str, split: str, manifest: dict | None 
             "Fix data.domains (or the domain's root)"
         )
     table = table if table is not None else read_index_table(root, domain, manifest, options)
-    table = table.filter(pa.compute.equal(table["split"], split))
-    shard_enc = table["shard"].combine_chunks().dictionary_encode()
-    shard_names = [str(s) for s in shard_enc.dictionary.to_pylist()]
-    codes = shard_enc.indices.to_numpy(zero_copy_only=False).astype(np.int32)
-    offset = table["offset"].to_numpy().astype(np.int64)
+    split_names, split_codes = dictionary_codes(table["split"])
+    rows = np.flatnonzero(split_codes == split_names.index(split)) if split in split_names else np.zeros(0, np.int64)
+    all_names, all_codes = dictionary_codes(table["shard"])
+    # this split's shards, numbered in order of their first row (as the index lists them)
+    used, first, codes = np.unique(all_codes[rows], return_index=True, return_inverse=True)
+    by_first = np.argsort(first, kind="stable")
+    rank = np.empty(len(used), np.int32)
+    rank[by_first] = np.arange(len(used), dtype=np.int32)
+    shard_names = [str(all_names[u]) for u in used[by_first]]
+    codes = rank[codes.reshape(-1)]
+    offset = table["offset"].take(pa.array(rows)).to_numpy().astype(np.int64)
     order = np.lexsort((offset, codes))
+    rows = pa.array(rows[order])
+
+    def column(name: str, dtype: type) -> np.ndarray:  # this split's rows only: no full-length temporaries
+        return table[name].take(rows).to_numpy().astype(dtype)
+
     opts = manifest.get("options", {})
     sha = {sh.get("path"): sh.get("sha256") for sh in manifest.get("shards", []) if isinstance(sh, dict)}
     return DomainIndex(
@@ -234,13 +299,13 @@ def load_domain_index(root: str, domain: str, split: str, manifest: dict | None 
         split=split,
         root=root,
         shard_urls=[storage.join(root, s) for s in shard_names],
-        keys=np.asarray(table["key"].to_numpy(zero_copy_only=False), dtype=object)[order],
+        keys=KeyColumn(table["key"].take(rows)),
         shard=codes[order],
         offset=offset[order],
-        size=table["size"].to_numpy().astype(np.int64)[order],
-        num_atoms=table["num_atoms"].to_numpy().astype(np.int64)[order],
-        num_edges=table["num_edges"].to_numpy().astype(np.int64)[order],
-        crc32=table["crc32"].to_numpy().astype(np.int64)[order] if "crc32" in table.column_names else None,
+        size=column("size", np.int64),
+        num_atoms=column("num_atoms", np.int64),
+        num_edges=column("num_edges", np.int64),
+        crc32=column("crc32", np.uint32) if "crc32" in table.column_names else None,
         radius_A=float(opts.get("radius_A") or 0.0),
         max_neighbors=int(opts.get("max_neighbors") or 0),
         shard_sha256=[sha.get(s) for s in shard_names],

@@ -157,6 +157,7 @@ def decode_run(datas: list[bytes | None], index: DomainIndex, ids: np.ndarray, b
                 todo[k] = None
     out: list[Sample | None] = []
     na = index.num_atoms[ids_l].tolist()
+    keys = index.keys.take(ids_l)
     for k, (i, a) in enumerate(zip(ids_l, decode_many(todo), strict=True)):
         err = a if isinstance(a, SchemaError) else errors[k]
         if err is None and a is not None and len(a["z"]) != na[k]:
@@ -169,7 +170,7 @@ def decode_run(datas: list[bytes | None], index: DomainIndex, ids: np.ndarray, b
             out.append(None)
         else:
             out.append(Sample(
-                key=index.keys[i], domain=index.name, z=a["z"], pos=a["pos"], bonds=a["bonds"],
+                key=keys[k], domain=index.name, z=a["z"], pos=a["pos"], bonds=a["bonds"],
                 bond_order=a["bond_order"], edges=a["edges"], radius_A=index.radius_A,
                 max_neighbors=index.max_neighbors, res_index=a.get("res_index"), chain=a.get("chain"),
                 atom_name=a.get("atom_name"),

@@ -209,6 +209,10 @@ def _set(col, row, value):
     (_set("num_atoms", 2, 0), r"row 2 .*num_atoms 0"),
     (_set("split", 2, "val"), r"row 2 .*split 'val' but its shard"),
     (_set("offset", 2, None), r"row 2 .*offset is null"),
+    (_set("key", 2, "k" * 257), r"row 2 .*key of 257 bytes \(a key has 1\.\.256\)"),
+    (_set("key", 2, ""), r"row 2 .*key of 0 bytes"),
+    (_set("crc32", 2, 1 << 32), r"row 2 .*crc32 4294967296 is not a 32-bit checksum"),
+    (_set("crc32", 2, -1), r"row 2 .*crc32 -1 is not a 32-bit checksum"),
 ])
 def test_bad_index_rows_rejected_at_load_naming_the_row(small_shards, tmp_path, edit, message):
     root = tampered(small_shards, tmp_path, edit)
@@ -229,8 +233,37 @@ def test_duplicate_keys_across_splits_rejected(small_shards, tmp_path):
         train = cols["split"].index("train")
         val = cols["split"].index("val")
         cols["key"][val] = cols["key"][train]
-    with pytest.raises(SchemaError, match=r"duplicate keys"):
-        resolve(config(tampered(small_shards, tmp_path, edit), oversize_policy="crop"))
+        rows.extend(sorted([train, val]))
+    rows: list[int] = []
+    root = tampered(small_shards, tmp_path, edit)
+    with pytest.raises(SchemaError, match=rf"row {rows[1]} \(key '[^']+'\): key '[^']+' is also on row {rows[0]} "
+                                          r"\(duplicate keys"):
+        resolve(config(root, oversize_policy="crop"))
+
+
+def test_index_read_the_same_whatever_its_parquet_layout(small_shards, tmp_path):
+    """Row groups with different shard/split dictionaries, or plain string columns, or rows in another order
+    (an index from another writer) give the same sample ids, keys and arrays as the converter's own index."""
+    def arrays(root):
+        ixs = [load_domain_index(str(root), DOMAIN, split) for split in ("train", "val", "test")]
+        return [(ix.keys.tolist(), [u.rsplit("/", 2)[-2:] for u in ix.shard_urls], ix.shard.tolist(),
+                 ix.offset.tolist(), ix.size.tolist(), ix.num_atoms.tolist(), ix.crc32.tolist()) for ix in ixs]
+
+    want = arrays(small_shards)
+    assert len(want[0][0]) > 10 and len(want[1][0]) > 0
+    rel = "index/" + DOMAIN + ".parquet"
+    t = pq.read_table(small_shards / rel)
+    perm = np.random.default_rng(0).permutation(t.num_rows)
+    for k, write in enumerate((
+        lambda path: pq.write_table(t, path, row_group_size=7),  # each row group its own dictionary
+        lambda path: pq.write_table(t.take(pa.array(perm)), path, row_group_size=5),
+        lambda path: pq.write_table(t, path, use_dictionary=False, store_schema=False),
+    )):
+        root = tmp_path / f"r{k}"
+        shutil.copytree(small_shards, root)
+        write(root / rel)
+        assert pq.ParquetFile(root / rel).metadata.num_row_groups == (1 if k == 2 else -(-t.num_rows // (7 - 2 * (k == 1))))
+        assert arrays(root) == want, f"layout {k}"
 
 
 def test_missing_rows_rejected(small_shards, tmp_path):
