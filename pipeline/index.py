@@ -71,8 +71,8 @@ class DomainIndex:
     shard: np.ndarray  # int32 [n], index into shard_urls
     offset: np.ndarray  # int64 [n], byte offset of the member data in the tar
     size: np.ndarray  # int64 [n], member bytes
-    num_atoms: np.ndarray  # int32 [n]
-    num_edges: np.ndarray  # int32 [n], stored radius pairs (each once)
+    num_atoms: np.ndarray  # int64 [n]
+    num_edges: np.ndarray  # int64 [n], stored radius pairs (each once)
     crc32: np.ndarray | None  # uint32 [n], zlib.crc32 of each member (None: an index written before it existed)
     radius_A: float
     max_neighbors: int
