@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +185,7 @@ def profile_stages(shards: str, batches: int, max_atoms: int, domain: str | None
     share = {name: round(cum(m, f) / total, 3) for name, (m, f) in {
         "read_and_decode": ("read.py", "_fill"), "decode_run": ("read.py", "decode_run"),
         "header_parse_and_views": ("schema.py", "_parse_member"), "collate": ("collate.py", "collate_compact")}.items()}
-    share["value_validation"] = round((cum("schema.py", "_values_ok") + cum("schema.py", "check_values")) / total, 3)
+    share["value_validation"] = round((cum("schema.py", "check_offsets") + cum("schema.py", "sample_faults")) / total, 3)
     share["shuffle_mix_pack"] = round(1 - share["read_and_decode"] - share["collate"], 3)
     return {"molecules_per_s": round(mols / secs), "us_per_molecule": round(secs / mols * 1e6, 1),
             "cprofile_share": share}
@@ -260,15 +261,14 @@ def seed_chunks_from_shards(shards: Path, out: Path) -> None:
 
     from pipeline.config import DataConfig
     from pipeline.loader import resolve
-    from pipeline.read import ShardFetcher, decode_member
+    from pipeline.read import ShardFetcher, decode_run
 
     res = resolve(DataConfig(root=str(shards), oversize_policy="crop"))
     for ix in res.train:
         f = ShardFetcher(ix)
         data = []
         for run in f.runs(np.arange(len(ix))):  # read_run reads consecutive members of one shard
-            for i, raw in zip(run.tolist(), f.read_run(run), strict=True):
-                s = decode_member(raw, ix, i, "raise")
+            for s in decode_run(f.read_run(run), ix, "raise"):
                 e = torch.from_numpy(s.edges.astype(np.int64)).T
                 ei = torch.cat([e, e.flip(0)], 1)
                 pos = torch.from_numpy(s.pos.copy())
@@ -321,16 +321,16 @@ def many_shards(shards: Path, out: Path, n_shards: int, per_shard: int = 5) -> N
 
     from pipeline.config import DataConfig
     from pipeline.loader import resolve
-    from pipeline.read import ShardFetcher, decode_member
+    from pipeline.read import ShardFetcher, decode_run
     from pipeline.schema import encode_sample
 
     res = resolve(DataConfig(root=str(shards), domains=({"name": "small_molecule"},), oversize_policy="crop"))
     ix = res.train[0]
     f = ShardFetcher(ix)
     run = f.runs(np.arange(min(len(ix), 200)))[0]
-    pool = [decode_member(r, ix, i, "raise") for i, r in zip(run.tolist(), f.read_run(run), strict=True)]
-    rows = {c: [] for c in ("key", "domain", "split", "shard", "offset", "size", "num_atoms", "num_bonds",
-                            "num_edges", "source", "record")}
+    pool = decode_run(f.read_run(run), ix, "raise")
+    rows = {c: [] for c in ("key", "domain", "split", "shard", "offset", "size", "item", "crc32", "num_atoms",
+                            "num_bonds", "num_edges", "source", "record")}
     (out / "small_molecule").mkdir(parents=True)
     k = 0
     for s_i in range(n_shards):
@@ -346,7 +346,8 @@ def many_shards(shards: Path, out: Path, n_shards: int, per_shard: int = 5) -> N
                 start = tar.offset  # a USTAR header with a short name is one 512-byte block
                 tar.addfile(info, io.BytesIO(data))
                 for c, v in (("key", s.key), ("domain", "small_molecule"), ("split", "train"), ("shard", rel),
-                             ("offset", start + 512), ("size", len(data)), ("num_atoms", s.num_atoms),
+                             ("offset", start + 512), ("size", len(data)), ("item", 0),
+                             ("crc32", zlib.crc32(data)), ("num_atoms", s.num_atoms),
                              ("num_bonds", len(s.bonds)), ("num_edges", len(s.edges)), ("source", "synthetic"),
                              ("record", k)):
                     rows[c].append(v)

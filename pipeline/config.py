@@ -59,10 +59,10 @@ class DataConfig:
     """A sample over max_atoms or max_edges: 'raise', 'skip' or 'crop' (spatial ball around a random atom, also in
     val/test); counted."""
     bad_sample_policy: str = "raise"
-    """A member that fails to decode or validate (pipeline.schema.decode_many): 'raise' or 'skip' (counted once per
+    """A block or sample that fails to decode or validate (pipeline.read.decode_run): 'raise' or 'skip' (counted once per
     sample per domain as 'bad')."""
     verify_crc32: bool = True
-    """Check every member against the index's crc32 (about 1 ms per 25 000-atom batch); a mismatch is a bad sample."""
+    """Check every block member against the index's crc32; a mismatch makes the block's samples bad."""
     pool_budget_multiple: float = 3.0
     """Packing pool holds at least this many batch budgets of atoms before a batch is chosen, budgets."""
     fifo_fraction: float = 0.5
@@ -70,7 +70,7 @@ class DataConfig:
     pool_max_samples: int = 8192
     """Upper bound on samples held in the packing pool, samples."""
     shuffle_buffer_bytes: int = 16 * 2**20
-    """Per-domain, per-worker shuffle buffer bound, bytes of stored samples."""
+    """Per-domain, per-worker shuffle buffer bound, bytes of decoded sample arrays."""
     read_block_bytes: int = 4 * 2**20
     """Shards are split into blocks of about this size for planning and reading, bytes."""
     train_batches_per_epoch: int | None = None

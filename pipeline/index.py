@@ -17,11 +17,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.schema import INDEX_DIR, MANIFEST_NAME, SPLITS, SchemaError, check_version
+from pipeline.schema import (
+    BLOCK_MAX_SAMPLES,
+    INDEX_DIR,
+    MANIFEST_NAME,
+    MIN_SAMPLE_BYTES,
+    SPLITS,
+    SchemaError,
+    check_version,
+)
 
 log = logging.getLogger(__name__)
-
-TAR_BLOCK = 512
 
 MAX_KEY_BYTES = 256
 """Longest sample key an index may hold (the converter's keys are at most 59 bytes): bounds the key column."""
@@ -61,7 +67,7 @@ class KeyColumn:
 
 @dataclass
 class DomainIndex:
-    """The samples of one domain and split, sorted by (shard, offset): row ``i`` is sample id ``i``."""
+    """The samples of one domain and split, sorted by (shard, offset, item): row ``i`` is sample id ``i``."""
 
     name: str
     split: str
@@ -69,11 +75,12 @@ class DomainIndex:
     shard_urls: list[str]
     keys: KeyColumn  # [n]
     shard: np.ndarray  # int32 [n], index into shard_urls
-    offset: np.ndarray  # int64 [n], byte offset of the member data in the tar
-    size: np.ndarray  # int64 [n], member bytes
+    offset: np.ndarray  # int64 [n], byte offset of the data of the sample's block member in the tar
+    size: np.ndarray  # int64 [n], block member bytes
+    item: np.ndarray  # uint16 [n], the sample's position in its block
     num_atoms: np.ndarray  # int64 [n]
     num_edges: np.ndarray  # int64 [n], stored radius pairs (each once)
-    crc32: np.ndarray | None  # uint32 [n], zlib.crc32 of each member (None: an index written before it existed)
+    crc32: np.ndarray  # uint32 [n], zlib.crc32 of the sample's block member
     radius_A: float
     max_neighbors: int
     shard_sha256: list[str | None] | None = None  # per shard_urls entry, from the manifest (None: not listed)
@@ -105,7 +112,7 @@ def read_manifest(root: str, options: storage.StorageOptions | None = None) -> d
     return manifest
 
 
-REQUIRED_COLUMNS = ("key", "split", "shard", "offset", "size", "num_atoms", "num_edges")
+REQUIRED_COLUMNS = ("key", "split", "shard", "offset", "size", "item", "crc32", "num_atoms", "num_edges")
 
 
 def dictionary_codes(column: pa.ChunkedArray | pa.Array) -> tuple[list, np.ndarray]:
@@ -144,7 +151,7 @@ def manifest_shards(manifest: dict, domain: str, where: str) -> dict[str, dict]:
         for field in ("samples", "bytes"):
             if not isinstance(sh.get(field), int) or sh[field] < 0:
                 raise SchemaError(f"{where} shards[{k}] ({path}): {field}={sh.get(field)!r} is not a count")
-        if sh["samples"] * 2 * TAR_BLOCK > sh["bytes"]:  # every member takes a tar header and a data block at least
+        if sh["samples"] * MIN_SAMPLE_BYTES > sh["bytes"]:  # bounds what the index may then claim
             raise SchemaError(f"{where} shards[{k}] ({path}): {sh['samples']} samples cannot fit in {sh['bytes']} bytes")
         if sh.get("split") not in SPLITS:
             raise SchemaError(f"{where} shards[{k}] ({path}): split {sh.get('split')!r} is not one of {SPLITS}")
@@ -182,7 +189,7 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
     if missing:
         raise SchemaError(f"{where} lacks the columns {missing}; re-convert the data with this version's converter")
     try:
-        table = pf.read(columns=[*REQUIRED_COLUMNS, *(["crc32"] if "crc32" in pf.schema_arrow.names else [])])
+        table = pf.read(columns=list(REQUIRED_COLUMNS))
     except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"{where}: the index's columns cannot be read ({e}); re-convert the data") from None
     if rows == 0:
@@ -196,7 +203,8 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
         size = table["size"].to_numpy().astype(np.int64)
         atoms = table["num_atoms"].to_numpy().astype(np.int64)
         edges = table["num_edges"].to_numpy().astype(np.int64)
-        crc = table["crc32"].to_numpy().astype(np.int64) if "crc32" in table.column_names else np.zeros(rows, np.int64)
+        item = table["item"].to_numpy().astype(np.int64)
+        crc = table["crc32"].to_numpy().astype(np.int64)
         names, codes = dictionary_codes(table["shard"])
         split_names, scodes = dictionary_codes(table["split"])
     except (pa.ArrowException, TypeError, ValueError) as e:
@@ -218,17 +226,30 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
         (atoms < 1, lambda r: f"num_atoms {atoms[r]} is not positive"),
         (edges < 0, lambda r: f"num_edges {edges[r]} is negative"),
         ((crc < 0) | (crc > 0xFFFFFFFF), lambda r: f"crc32 {crc[r]} is not a 32-bit checksum"),
+        ((item < 0) | (item >= BLOCK_MAX_SAMPLES), lambda r: f"item {item[r]} outside 0..{BLOCK_MAX_SAMPLES - 1}"),
     ):
         if bad.any():
             r = int(np.flatnonzero(bad)[0])
             raise _bad_row(rel, table, r, what(r))
-    order = np.lexsort((off, codes))
-    o, e, c = off[order], (off + size)[order], codes[order]
-    overlap = (c[1:] == c[:-1]) & (o[1:] < e[:-1])
-    if overlap.any():
-        r = int(order[1:][overlap][0])
-        raise _bad_row(rel, table, r, f"bytes {off[r]}..{off[r] + size[r]} overlap another row's member in shard "
-                                      f"{names[codes[r]]!r}")
+    # rows of one block member share its byte range and crc32 and number its samples 0, 1, ...; members never overlap
+    order = np.lexsort((item, off, codes))
+    o, e, c, it = off[order], (off + size)[order], codes[order], item[order]
+    same = (c[1:] == c[:-1]) & (o[1:] == o[:-1])
+    for bad, what in (
+        ((c[1:] == c[:-1]) & ~same & (o[1:] < e[:-1]), lambda r: f"bytes {off[r]}..{off[r] + size[r]} overlap "
+                                                                f"another row's member in shard {names[codes[r]]!r}"),
+        (same & ((e[1:] != e[:-1]) | (crc[order][1:] != crc[order][:-1])),
+         lambda r: f"size {size[r]} or crc32 {crc[r]} differs from another row of the block at offset {off[r]}"),
+        (np.where(same, it[1:] != it[:-1] + 1, it[1:] != 0),
+         lambda r: f"item {item[r]}: the rows of the block at offset {off[r]} must number its samples 0, 1, 2, ..."),
+    ):
+        if bad.any():
+            r = int(order[1:][bad][0])
+            raise _bad_row(rel, table, r, what(r))
+    if it[0] != 0:
+        r = int(order[0])
+        raise _bad_row(rel, table, r, f"item {item[r]}: the rows of the block at offset {off[r]} must number its "
+                                      "samples 0, 1, 2, ...")
     want_split = np.array([split_names.index(shards[n]["split"]) if shards[n]["split"] in split_names else -1
                            for n in names], np.int64)[codes]
     if (want_split != scodes).any():
@@ -286,7 +307,8 @@ def load_domain_index(root: str, domain: str, split: str, manifest: dict | None 
     shard_names = [str(all_names[u]) for u in used[by_first]]
     codes = rank[codes.reshape(-1)]
     offset = table["offset"].take(pa.array(rows)).to_numpy().astype(np.int64)
-    order = np.lexsort((offset, codes))
+    item = table["item"].take(pa.array(rows)).to_numpy().astype(np.uint16)
+    order = np.lexsort((item, offset, codes))
     rows = pa.array(rows[order])
 
     def column(name: str, dtype: type) -> np.ndarray:  # this split's rows only: no full-length temporaries
@@ -303,9 +325,10 @@ def load_domain_index(root: str, domain: str, split: str, manifest: dict | None 
         shard=codes[order],
         offset=offset[order],
         size=column("size", np.int64),
+        item=item[order],
         num_atoms=column("num_atoms", np.int64),
         num_edges=column("num_edges", np.int64),
-        crc32=column("crc32", np.uint32) if "crc32" in table.column_names else None,
+        crc32=column("crc32", np.uint32),
         radius_A=float(opts.get("radius_A") or 0.0),
         max_neighbors=int(opts.get("max_neighbors") or 0),
         shard_sha256=[sha.get(s) for s in shard_names],

@@ -1,7 +1,7 @@
 """Pure planning on index arrays: which samples a (rank, worker) slot reads in a pass, and mixing weights.
 
-A *pass* over a domain: its shards are cut into read blocks (contiguous members of about
-``read_block_bytes``), the blocks are permuted with a generator seeded by (seed, domain, pass), and the
+A *pass* over a domain: its shards are cut into read blocks (the block members that start in one
+``read_block_bytes`` window of a shard), the blocks are permuted with a generator seeded by (seed, domain, pass), and the
 concatenated sample ids are cut into ``n_slots`` contiguous pieces of equal length (±1). Slot ``g``
 (``rank * num_workers + worker``) reads piece ``(g + pass) % n_slots``. The pieces partition the pass, so
 every sample is read exactly once per pass across all ranks and workers, at sample granularity: it
@@ -26,17 +26,15 @@ def rng_for(*ints: int) -> np.random.Generator:
     return np.random.default_rng([int(i) & 0xFFFFFFFF for i in ints])
 
 
-def read_blocks(shard: np.ndarray, size: np.ndarray, block_bytes: int) -> np.ndarray:
-    """Block id of every sample (samples sorted by shard, offset): a block never spans two shards."""
+def read_blocks(shard: np.ndarray, offset: np.ndarray, block_bytes: int) -> np.ndarray:
+    """Read block id of every sample (samples sorted by shard, offset): the samples whose member starts in the same
+    ``block_bytes`` window of a shard. A read block never spans two shards and never splits a block member (its
+    samples share its offset)."""
     n = len(shard)
     if n == 0:
         return np.zeros(0, np.int64)
-    new_shard = np.concatenate([[True], shard[1:] != shard[:-1]])
-    cum = np.cumsum(size)
-    shard_start = np.maximum.accumulate(np.where(new_shard, np.arange(n), 0))
-    before = cum[shard_start] - size[shard_start]  # bytes of earlier shards
-    within = (cum - size - before) // max(1, int(block_bytes))
-    change = new_shard | np.concatenate([[True], within[1:] != within[:-1]])
+    window = offset // max(1, int(block_bytes))
+    change = np.concatenate([[True], (shard[1:] != shard[:-1]) | (window[1:] != window[:-1])])
     return np.cumsum(change) - 1
 
 

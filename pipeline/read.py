@@ -1,5 +1,5 @@
-"""Plan + read + decode of one domain: :class:`ShardFetcher` (runs of members through :mod:`pipeline.storage`),
-:func:`decode_member` (crc32 + safetensors arrays), :class:`DomainSource` (this slot's piece of pass 0, 1, 2, ...)."""
+"""Plan + read + decode of one domain: :class:`ShardFetcher` (runs of block members through :mod:`pipeline.storage`),
+:func:`decode_run` (crc32 + one validation per block), :class:`DomainSource` (this slot's piece of pass 0, 1, 2, ...)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pipeline.config import DataConfig
 from pipeline.index import DomainIndex
 from pipeline.items import _C, Item
 from pipeline.plan import pass_order, read_blocks, slot_piece
-from pipeline.schema import Sample, SchemaError, decode_many
+from pipeline.schema import Sample, SchemaError, decode_block_arrays
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,12 @@ class ShardFetcher:
             log.warning("skipping the unreadable samples of a shard (counted as bad): %s", what)
         log.debug("shard %s: %d unreadable members skipped in this read", url, n_members)
 
-    def read_run(self, ids: np.ndarray) -> list[bytes | None]:
-        """Bytes of a run of ids that are consecutive members of one shard, with one read call; None for members
-        that could not be read (missing or truncated shard under ``bad_policy='skip'``)."""
+    def read_run(self, ids: np.ndarray) -> list[tuple[np.ndarray, bytes | None]]:
+        """The block members of a run of ids (consecutive samples of one shard) with one read call: per member, the
+        run's ids in it and its bytes (None: unreadable, a missing or truncated shard under ``bad_policy='skip'``).
+        A run may start or end inside a member: the whole member is read."""
         ix = self.index
+        ids = np.asarray(ids, np.int64)
         first, last = int(ids[0]), int(ids[-1])
         shard = int(ix.shard[first])
         if last - first + 1 != len(ids) or int(ix.shard[last]) != shard:
@@ -113,11 +115,14 @@ class ShardFetcher:
                     self._fault(shard, ShardTruncatedError(
                         f"wanted bytes {start}..{end}, got {len(data)}; the shard is truncated or does not match its index"
                     ), len(ids))
+        off = ix.offset[first : last + 1]
+        cuts = np.flatnonzero(off[1:] != off[:-1]) + 1
+        bounds = [0, *cuts.tolist(), len(ids)]
         mv = memoryview(data)
-        out: list[bytes | None] = []
-        for o, s in zip(ix.offset[ids].tolist(), ix.size[ids].tolist(), strict=True):
-            lo = o - start
-            out.append(bytes(mv[lo : lo + s]) if lo + s <= len(data) else None)
+        out: list[tuple[np.ndarray, bytes | None]] = []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            o, n = int(off[lo]) - start, int(ix.size[first + lo])
+            out.append((ids[lo:hi], bytes(mv[o : o + n]) if o + n <= len(data) else None))
         return out
 
     def runs(self, ids: np.ndarray) -> list[np.ndarray]:
@@ -129,58 +134,74 @@ class ShardFetcher:
         return np.split(ids, brk)
 
 
-def _reject(err: SchemaError, index: DomainIndex, idx: int, bad_policy: str) -> None:
-    """A bad member: raise (policy 'raise') or warn (policy 'skip'; the caller counts it)."""
-    msg = f"{index.shard_urls[int(index.shard[idx])]}:{index.keys[idx]}: {err}"
+def _reject(err: SchemaError, index: DomainIndex, ids: np.ndarray, bad_policy: str) -> None:
+    """Bad samples (all of a block, or one): raise (policy 'raise') or warn once (policy 'skip'; the caller counts
+    each)."""
+    what = str(index.keys[int(ids[0])]) if len(ids) == 1 else f"{len(ids)} samples from {index.keys[int(ids[0])]}"
+    msg = f"{index.shard_urls[int(index.shard[int(ids[0])])]}:{what}: {err}"
     if bad_policy == "raise":
         raise SchemaError(f"{msg} (set data.bad_sample_policy='skip' to count and skip bad samples)") from None
-    log.warning("skipping bad sample: %s", msg)
+    log.warning("skipping bad samples: %s", msg)
 
 
-def decode_run(datas: list[bytes | None], index: DomainIndex, ids: np.ndarray, bad_policy: str,
+def decode_run(members: list[tuple[np.ndarray, bytes | None]], index: DomainIndex, bad_policy: str,
                verify: bool = True) -> list[Sample | None]:
-    """Decode the members of one read (sample ids ``ids`` of ``index``): each checked against the index's crc32
-    (when ``verify``) and atom count, and validated against the schema (:func:`pipeline.schema.decode_many`: headers
-    per member, values once per block). Key, domain and graph options come from the index and the manifest (whose
-    format version was checked). A bad member raises (policy 'raise') or comes back as None (policy 'skip',
-    counted by the caller), as do members without bytes (``datas[k] is None``: an unreadable shard, reported)."""
-    ids_l = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
-    errors: list[SchemaError | None] = [None] * len(datas)
-    todo = list(datas)
-    if verify and index.crc32 is not None:
-        for k, (d, want) in enumerate(zip(datas, index.crc32[ids_l].tolist(), strict=True)):
-            if d is not None and zlib.crc32(d) != want:
-                errors[k] = SchemaError(
-                    f"crc32 {zlib.crc32(d):#010x} does not match the index's {want:#010x}: "
-                    "the member is corrupt (re-fetch or re-convert the shard)"
-                )
-                todo[k] = None
+    """Samples of the block members of one read (:meth:`ShardFetcher.read_run`), in id order. Each block is checked
+    once: its crc32 against the index (when ``verify``), its arrays against the schema
+    (:func:`pipeline.schema.decode_block_arrays`: a fixed number of numpy reductions per block; a block that fails
+    is examined sample by sample, and only its bad samples are rejected), and each sample's position and atom
+    count against its index row. Key, domain and graph options come from the index and the
+    manifest (whose format version was checked). Samples own copies of their arrays (a sample held in a buffer
+    does not pin its block). A bad block or sample raises (policy 'raise') or comes back as None (policy 'skip',
+    counted by the caller), as do members without bytes (an unreadable shard, reported)."""
     out: list[Sample | None] = []
-    na = index.num_atoms[ids_l].tolist()
-    keys = index.keys.take(ids_l)
-    for k, (i, a) in enumerate(zip(ids_l, decode_many(todo), strict=True)):
-        err = a if isinstance(a, SchemaError) else errors[k]
-        if err is None and a is not None and len(a["z"]) != na[k]:
-            err = SchemaError(f"member has {len(a['z'])} atoms but the index says {na[k]}; "
-                              "the index does not match the shard")
-        if err is not None:
-            _reject(err, index, i, bad_policy)
-            out.append(None)
-        elif a is None:
-            out.append(None)
-        else:
+    for ids, data in members:
+        if data is None:
+            out.extend([None] * len(ids))
+            continue
+        try:
+            if verify and zlib.crc32(data) != int(index.crc32[ids[0]]):
+                raise SchemaError(f"crc32 {zlib.crc32(data):#010x} does not match the index's "
+                                  f"{int(index.crc32[ids[0]]):#010x}: the block is corrupt (re-fetch or re-convert the shard)")
+            a, n, faults = decode_block_arrays(data)
+            items = index.item[ids].astype(np.int64)
+            if int(items.max()) >= n:
+                raise SchemaError(f"the index places a sample at item {int(items.max())} of a block of {n} samples; "
+                                  "the index does not match the shard")
+        except SchemaError as e:
+            _reject(e, index, ids, bad_policy)
+            out.extend([None] * len(ids))
+            continue
+        ap, bp, ep = a["atom_ptr"], a["bond_ptr"], a["edge_ptr"]
+        want = index.num_atoms[ids]
+        got = (ap[items + 1] - ap[items]).astype(np.int64)
+        z, pos, bonds, bo, edges = a["z"], a["pos"], a["bonds"], a["bond_order"], a["edges"]
+        res, chain, names = a.get("res_index"), a.get("chain"), a.get("atom_name")
+        keys = index.keys.take(ids)
+        rows = zip(ap[items].tolist(), ap[items + 1].tolist(), bp[items].tolist(), bp[items + 1].tolist(),
+                   ep[items].tolist(), ep[items + 1].tolist(), strict=True)
+        for k, (a0, a1, b0, b1, e0, e1) in enumerate(rows):
+            fault = faults.get(int(items[k])) if faults else None
+            if fault is None and got[k] != want[k]:
+                fault = f"sample has {int(got[k])} atoms but the index says {int(want[k])}; the index does not match the shard"
+            if fault is not None:
+                _reject(SchemaError(fault), index, ids[k : k + 1], bad_policy)
+                out.append(None)
+                continue
             out.append(Sample(
-                key=keys[k], domain=index.name, z=a["z"], pos=a["pos"], bonds=a["bonds"],
-                bond_order=a["bond_order"], edges=a["edges"], radius_A=index.radius_A,
-                max_neighbors=index.max_neighbors, res_index=a.get("res_index"), chain=a.get("chain"),
-                atom_name=a.get("atom_name"),
+                key=keys[k], domain=index.name, z=z[a0:a1].copy(), pos=pos[a0:a1].copy(), bonds=bonds[b0:b1].copy(),
+                bond_order=bo[b0:b1].copy(), edges=edges[e0:e1].copy(), radius_A=index.radius_A,
+                max_neighbors=index.max_neighbors, res_index=None if res is None else res[a0:a1].copy(),
+                chain=None if chain is None else chain[a0:a1].copy(),
+                atom_name=None if names is None else names[a0:a1].copy(),
             ))
     return out
 
 
-def decode_member(data: bytes, index: DomainIndex, idx: int, bad_policy: str, verify: bool = True) -> Sample | None:
-    """:func:`decode_run` of one member."""
-    return decode_run([data], index, np.array([idx]), bad_policy, verify)[0]
+def sample_bytes(s: Sample) -> int:
+    """Bytes a decoded sample holds (what a shuffle buffer counts)."""
+    return sum(x.nbytes for x in (s.z, s.pos, s.bonds, s.bond_order, s.edges, s.res_index, s.chain, s.atom_name)
+               if x is not None)
 
 
 class DomainSource:
@@ -191,7 +212,7 @@ class DomainSource:
             raise ValueError(f"domain {index.name!r} has no {index.split} samples; drop it from data.domains")
         self.index, self.d, self.slot, self.n_slots, self.cfg, self.counters = index, d, slot, n_slots, cfg, counters
         self.fetcher = ShardFetcher(index, cfg.bad_sample_policy)
-        self._blocks = read_blocks(index.shard, index.size, cfg.read_block_bytes)
+        self._blocks = read_blocks(index.shard, index.offset, cfg.read_block_bytes)
         self.pass_ = 0
         self._set_pass(0, 0)
 
@@ -219,11 +240,9 @@ class DomainSource:
         g = int(np.searchsorted(self._group_starts, self._next_read, side="right"))
         lo, hi = self._next_read, int(self._group_starts[g])
         ids = self._piece[lo:hi]
-        datas = self.fetcher.read_run(ids)
-        ix = self.index
-        samples = decode_run(datas, ix, ids, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
-        for k, (i, data, s, e) in enumerate(zip(ids.tolist(), datas, samples, ix.num_edges[ids].tolist(), strict=True)):
-            self._ready.append((lo + k, Item(self.d, self.pass_, i, s, 0 if data is None else len(data), 2 * e)))
+        samples = decode_run(self.fetcher.read_run(ids), self.index, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
+        for k, (i, s, e) in enumerate(zip(ids.tolist(), samples, self.index.num_edges[ids].tolist(), strict=True)):
+            self._ready.append((lo + k, Item(self.d, self.pass_, i, s, 0 if s is None else sample_bytes(s), 2 * e)))
         self._next_read = hi
 
     def __iter__(self) -> Iterator[Item]:
@@ -261,10 +280,10 @@ class DomainSource:
         order = np.argsort(ids, kind="stable")
         got: dict[int, Item | None] = {}
         for run in self.fetcher.runs(np.unique(ids[order])):
-            datas = self.fetcher.read_run(run)
-            samples = decode_run(datas, self.index, run, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
-            for i, data, s in zip(run.tolist(), datas, samples, strict=True):
-                got[i] = None if s is None else Item(self.d, 0, i, s, len(data), 2 * int(self.index.num_edges[i]))
+            samples = decode_run(self.fetcher.read_run(run), self.index, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
+            for i, s in zip(run.tolist(), samples, strict=True):
+                got[i] = None if s is None else Item(self.d, 0, i, s, sample_bytes(s),
+                                                     2 * int(self.index.num_edges[i]))
         out = []
         for p, i in pass_ids:
             it = got[i]

@@ -1,14 +1,15 @@
 """Reading molstream shards with the ``webdataset`` package (interop; molstream's own loader does not use it).
 
-Our shards follow WebDataset's conventions (uncompressed tar, one ``<key>.safetensors`` member per sample, the
-key before the first dot), so any WebDataset pipeline can stream them; this module supplies the decoding,
-which goes through :func:`pipeline.schema.decode_sample` (pickle-free, validated) like our own reader::
+Our shards follow WebDataset's conventions (uncompressed tar, ``<key>.safetensors`` members, the key before the
+first dot); each member is a *block* of samples (:mod:`pipeline.schema`), so a WebDataset item holds a list of
+samples. This module supplies the decoding, which goes through :func:`pipeline.schema.decode_block` (pickle-free,
+validated) like our own reader, and :func:`samples`, which flattens the blocks::
 
     import webdataset as wds
-    from pipeline.wds import decode, sample_of, shard_urls
+    from pipeline.wds import decode, samples, shard_urls
 
     urls = shard_urls("data/demo/shards", split="train")          # from manifest.json
-    for s in wds.WebDataset(urls, shardshuffle=False).decode(decode).map(sample_of):
+    for s in wds.WebDataset(urls, shardshuffle=False).decode(decode).compose(samples):
         s.key, s.domain, s.z, s.pos, s.bonds, s.edges                 # a pipeline.schema.Sample
 
 ``pip install "molstream[webdataset]"`` installs the package. Never pass webdataset's default decoders
@@ -17,25 +18,34 @@ which goes through :func:`pipeline.schema.decode_sample` (pickle-free, validated
 
 from __future__ import annotations
 
-from pipeline.schema import MEMBER_EXT, Sample, decode_sample
+from collections.abc import Iterable, Iterator
+
+from pipeline.schema import MEMBER_EXT, Sample, decode_block
 
 
-def decode(key: str, data: bytes) -> Sample | None:
-    """A webdataset decoder handler: our ``.safetensors`` members to :class:`~pipeline.schema.Sample`.
+def decode(key: str, data: bytes) -> list[Sample] | None:
+    """A webdataset decoder handler: our ``.safetensors`` block members to lists of
+    :class:`~pipeline.schema.Sample`.
 
     ``key`` is the member's extension (webdataset's handler convention); other members are left to other handlers.
     """
     if key.lower().rsplit(".", 1)[-1] != MEMBER_EXT:
         return None
-    return decode_sample(data, where=f"webdataset member .{key}")
+    return decode_block(data, where=f"webdataset member .{key}")
 
 
-def sample_of(item: dict) -> Sample:
-    """The :class:`~pipeline.schema.Sample` of one decoded webdataset item (for ``.map``)."""
-    s = item[MEMBER_EXT]
-    if not isinstance(s, Sample):  # .map(sample_of) without .decode(decode) first
-        s = decode_sample(s, where=f"webdataset item {item.get('__key__')!r} of {item.get('__url__')!r}")
-    return s
+def samples_of(item: dict) -> list[Sample]:
+    """The samples of one webdataset item (one block member), decoded here if ``.decode(decode)`` did not."""
+    block = item[MEMBER_EXT]
+    if isinstance(block, (bytes, bytearray, memoryview)):
+        block = decode_block(bytes(block), where=f"webdataset item {item.get('__key__')!r} of {item.get('__url__')!r}")
+    return block
+
+
+def samples(items: Iterable[dict]) -> Iterator[Sample]:
+    """Every sample of a stream of webdataset items, in shard order (for ``.compose(samples)``)."""
+    for item in items:
+        yield from samples_of(item)
 
 
 def shard_urls(root: str, split: str | None = "train", domains: list[str] | None = None) -> list[str]:

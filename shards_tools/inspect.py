@@ -1,8 +1,8 @@
 """``python -m shards_tools.inspect OUT [--verify] [--json] [--plot FILE.png]``: what a shards folder holds.
 
 Prints per-domain samples, atoms (min/median/p95/max), shards and bytes. ``--verify`` re-hashes every
-shard against the manifest and decodes every sample to cross-check the index (key, offset, size, atom,
-bond and edge counts). Exit code 0 when clean, 1 when verification found problems, 2 on bad usage.
+shard against the manifest and decodes every block to cross-check the index (key, offset, size, item, crc32,
+atom, bond and edge counts, domain). Exit code 0 when clean, 1 when verification found problems, 2 on bad usage.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.schema import MANIFEST_NAME, SchemaError, check_version, decode_sample, split_member_name
+from pipeline.schema import MANIFEST_NAME, SchemaError, check_version, decode_block, split_member_name
 
 
 def load_manifest(root: str) -> dict:
@@ -81,22 +81,31 @@ def verify(root: str, man: dict, index: dict) -> list[str]:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
                 for m in tar:
                     key, _ = split_member_name(m.name)
-                    r = rows.get(key)
                     payload = tar.extractfile(m).read()
-                    s = decode_sample(payload, f"{sh['path']}:{m.name}")
-                    n += 1
-                    if r is None:
-                        problems.append(f"{sh['path']}: member {m.name} is not in the index")
+                    try:
+                        samples = decode_block(payload, f"{sh['path']}:{m.name}")
+                    except SchemaError as e:
+                        problems.append(str(e))
                         continue
-                    seen.add(key)
-                    checks = [("shard", sh["path"]), ("offset", m.offset_data), ("size", m.size),
-                              ("crc32", zlib.crc32(payload)),
-                              ("num_atoms", s.num_atoms), ("num_bonds", len(s.bonds)), ("num_edges", len(s.edges)),
-                              ("domain", s.domain)]
-                    for col, val in checks:
-                        if r[col] != val:
-                            problems.append(f"{sh['path']}:{m.name}: index {col}={r[col]!r} but the shard has {val!r}")
-        except (tarfile.TarError, SchemaError) as e:
+                    n += len(samples)
+                    if samples[0].key != key:
+                        problems.append(f"{sh['path']}:{m.name}: the block's first sample is {samples[0].key!r}, "
+                                        f"its member name says {key!r}")
+                    crc = zlib.crc32(payload)
+                    for k, s in enumerate(samples):
+                        r = rows.get(s.key)
+                        if r is None:
+                            problems.append(f"{sh['path']}:{m.name}: sample {s.key!r} is not in the index")
+                            continue
+                        seen.add(s.key)
+                        checks = [("shard", sh["path"]), ("offset", m.offset_data), ("size", m.size), ("item", k),
+                                  ("crc32", crc), ("num_atoms", s.num_atoms), ("num_bonds", len(s.bonds)),
+                                  ("num_edges", len(s.edges)), ("domain", s.domain)]
+                        for col, val in checks:
+                            if r[col] != val:
+                                problems.append(f"{sh['path']}:{m.name}: sample {s.key!r}: index {col}={r[col]!r} "
+                                                f"but the shard has {val!r}")
+        except tarfile.TarError as e:
             problems.append(f"{sh['path']}: {e}")
         if n != sh["samples"]:
             problems.append(f"{sh['path']}: {n} samples, manifest says {sh['samples']}")

@@ -1,4 +1,4 @@
-"""Phase 2 of a conversion: spooled samples -> shuffled tar shards, Parquet indices, manifest.
+"""Phase 2 of a conversion: spooled samples -> shuffled tar shards of block members, Parquet indices, manifest.
 
 Pure planning (:func:`plan_shards`; splits: :mod:`shards_tools.splits`) is separate from the writing. Every file is
 written under a temporary name and renamed; the manifest is written last, so an interrupted run never
@@ -21,7 +21,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import FORMAT_VERSION, INDEX_DIR, MEMBER_EXT, REJECTED_NAME, SPLITS
+from pipeline.schema import (
+    BLOCK_MAX_SAMPLES,
+    BLOCK_TARGET_BYTES,
+    FORMAT_VERSION,
+    INDEX_DIR,
+    MEMBER_EXT,
+    REJECTED_NAME,
+    SPLITS,
+    Sample,
+    block_group,
+    decode_sample,
+    encode_block,
+    sample_nbytes,
+)
 
 TAR_BLOCK = 512
 
@@ -84,36 +97,61 @@ class ShardInfo:
     sha256: str
 
 
+def _blocks(members: list[dict], read) -> Iterable[tuple[list[dict], list[Sample]]]:
+    """Consecutive members grouped into blocks: a block closes at :data:`BLOCK_TARGET_BYTES` of arrays, at
+    :data:`BLOCK_MAX_SAMPLES` samples, or where the next sample cannot share it (:func:`block_group`)."""
+    ents: list[dict] = []
+    samples: list[Sample] = []
+    nbytes = 0
+    for e in members:
+        s = read(e)
+        if samples and (block_group(s) != block_group(samples[0]) or nbytes >= BLOCK_TARGET_BYTES
+                        or len(samples) >= BLOCK_MAX_SAMPLES):
+            yield ents, samples
+            ents, samples, nbytes = [], [], 0
+        ents.append(e)
+        samples.append(s)
+        nbytes += sample_nbytes(s)
+    if samples:
+        yield ents, samples
+
+
 def write_shard(out_root: Path, rel_path: str, members: list[dict], domain: str, split: str) -> tuple[ShardInfo, list[dict]]:
-    """Write one tar shard (deterministic headers) and return its info and its index rows."""
+    """Write one tar shard of block members (deterministic headers) and return its info and its index rows (one
+    per sample: its block's byte range and crc32, its position in the block)."""
     final = out_root / rel_path
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     rows = []
     spools: dict[str, object] = {}
+
+    def read(e: dict) -> Sample:
+        f = spools.get(e["spool"])
+        if f is None:
+            f = spools[e["spool"]] = open(e["spool"], "rb")  # noqa: SIM115 - closed below
+        f.seek(e["spool_offset"])
+        return decode_sample(f.read(e["size"]), where=f"spool {e['spool']} at {e['spool_offset']}")
+
     try:
         with open(tmp, "wb") as raw:
             hw = _HashingWriter(raw)
             with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for e in members:
-                    f = spools.get(e["spool"])
-                    if f is None:
-                        f = spools[e["spool"]] = open(e["spool"], "rb")  # noqa: SIM115 - closed below
-                    f.seek(e["spool_offset"])
-                    data = f.read(e["size"])
-                    info = tarfile.TarInfo(f"{e['key']}.{MEMBER_EXT}")
+                for ents, samples in _blocks(members, read):
+                    data = encode_block(samples)
+                    info = tarfile.TarInfo(f"{ents[0]['key']}.{MEMBER_EXT}")
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
                     info.uid = info.gid = 0
                     info.uname = info.gname = ""
                     tar.addfile(info, io.BytesIO(data))
                     data_offset = tar.offset - -(-len(data) // TAR_BLOCK) * TAR_BLOCK
-                    rows.append({
-                        "key": e["key"], "domain": domain, "split": split, "shard": rel_path,
-                        "offset": data_offset, "size": len(data), "crc32": zlib.crc32(data),
-                        "num_atoms": e["num_atoms"],
-                        "num_bonds": e["num_bonds"], "num_edges": e["num_edges"],
-                        "source": e["source"], "record": e["record"],
-                    })
+                    crc = zlib.crc32(data)
+                    for item, e in enumerate(ents):
+                        rows.append({
+                            "key": e["key"], "domain": domain, "split": split, "shard": rel_path,
+                            "offset": data_offset, "size": len(data), "item": item, "crc32": crc,
+                            "num_atoms": e["num_atoms"], "num_bonds": e["num_bonds"], "num_edges": e["num_edges"],
+                            "source": e["source"], "record": e["record"],
+                        })
             size = hw.pos
             digest = hw.h.hexdigest()
         os.replace(tmp, final)
@@ -127,7 +165,7 @@ def write_shard(out_root: Path, rel_path: str, members: list[dict], domain: str,
 
 _INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("domain", pa.string()), ("split", pa.string()), ("shard", pa.string()),
-    ("offset", pa.int64()), ("size", pa.int64()), ("crc32", pa.int64()), ("num_atoms", pa.int32()), ("num_bonds", pa.int32()),
+    ("offset", pa.int64()), ("size", pa.int64()), ("item", pa.int32()), ("crc32", pa.int64()), ("num_atoms", pa.int32()), ("num_bonds", pa.int32()),
     ("num_edges", pa.int32()), ("source", pa.string()), ("record", pa.int32()),
 ])
 

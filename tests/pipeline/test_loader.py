@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from pipeline.config import DataConfig
 from pipeline.index import load_domain_index
 from pipeline.loader import TrainLoader, eval_loader, resolve
 from pipeline.packer import OversizeError
-from pipeline.schema import SchemaError
+from pipeline.schema import SchemaError, decode_block
 from pipeline.stream import train_stream
 from pipeline.strict_config import build
 from tests.pipeline.helpers import config
@@ -214,7 +215,13 @@ def test_read_run_refuses_ids_that_are_not_one_shards_consecutive_members(small_
     ix = next(i for i in resolve(config(small_shards)).train if len(i) >= 10)
     f = ShardFetcher(ix)
     try:
-        assert all(d is not None for d in f.read_run(np.arange(5)))
+        for ids in (np.arange(5), np.arange(3, len(ix))):  # from a block's start, or from inside one
+            members = f.read_run(ids)
+            assert np.array_equal(np.concatenate([m for m, _ in members]), ids)
+            for m, data in members:  # each whole block member, once, holding the samples at their items
+                assert data is not None and len(data) == ix.size[m[0]] and (ix.offset[m] == ix.offset[m[0]]).all()
+                assert zlib.crc32(data) == ix.crc32[m[0]]
+                assert [s.key for s in decode_block(data)[int(ix.item[m[0]]):][: len(m)]] == ix.keys.take(m)
         with pytest.raises(ValueError, match=r"consecutive members of one shard .* ids 0\.\.4 \(3 ids\)"):
             f.read_run(np.array([0, 2, 4]))
         two = dataclasses.replace(ix, shard=np.where(np.arange(len(ix)) < 3, 0, 1).astype(np.int32),

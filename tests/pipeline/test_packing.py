@@ -81,7 +81,8 @@ def test_slot_pieces_partition_every_pass(n, slots):
     rng = np.random.default_rng(n)
     shard = np.sort(rng.integers(0, 3, n))
     size = rng.integers(1000, 5000, n)
-    blocks = read_blocks(shard, size, 20_000)
+    offset = np.concatenate([np.cumsum(size[shard == k]) - size[shard == k] for k in range(3)])
+    blocks = read_blocks(shard, offset, 20_000)
     orders = []
     for p in range(3):
         order = pass_order(blocks, 7, "protein", p)
@@ -95,11 +96,14 @@ def test_slot_pieces_partition_every_pass(n, slots):
         assert not np.array_equal(orders[0], orders[1])  # a fresh permutation each pass
 
 
-def test_read_blocks_never_span_shards_and_respect_size():
+def test_read_blocks_never_span_shards_nor_split_a_member_and_respect_size():
     shard = np.array([0, 0, 0, 1, 1, 2])
-    size = np.array([10, 10, 10, 10, 10, 10])
-    b = read_blocks(shard, size, 20)
-    assert b.tolist() == [0, 0, 1, 2, 2, 3]
+    offset = np.array([0, 10, 20, 0, 10, 0])
+    assert read_blocks(shard, offset, 20).tolist() == [0, 0, 1, 2, 2, 3]
+    # samples of one block member share its offset: a read block takes all of them, however many
+    shard = np.array([0, 0, 0, 0, 0, 1])
+    offset = np.array([0, 15, 15, 15, 40, 15])
+    assert read_blocks(shard, offset, 20).tolist() == [0, 0, 0, 0, 1, 2]
 
 
 def test_sample_probabilities_modes():

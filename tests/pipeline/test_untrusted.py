@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.index import load_domain_index
 from pipeline.loader import TrainLoader, eval_loader, resolve
-from pipeline.schema import SchemaError, decode_arrays, encode_sample
+from pipeline.schema import SchemaError, decode_block, decode_block_arrays, encode_block
 from shards_tools.inspect import main as inspect_main
 from tests.pipeline.helpers import config
 
@@ -27,23 +27,34 @@ def _member_arrays(data: bytes) -> tuple[int, dict]:
     return 8 + n, {k: v for k, v in header.items() if k != "__metadata__"}
 
 
+ROW_BYTES = {"z": 1, "pos": 12, "bonds": 8, "bond_order": 1, "edges": 8}
+PTR = {"z": "atom_ptr", "pos": "atom_ptr", "bonds": "bond_ptr", "bond_order": "bond_ptr", "edges": "edge_ptr"}
+
+
 def patch_member(root, domain: str, row: int, array: str, element: int, raw: bytes) -> str:
-    """Overwrite bytes of one array of a member in place, then fix the index's crc32 and the manifest's sha256,
-    so that only the schema validation can catch the damage. Returns the sample's key."""
+    """Overwrite bytes of one array of the sample on index row ``row`` (inside its block member) in place, then fix
+    the index's crc32 (every row of the block) and the manifest's sha256, so that only the schema validation can
+    catch the damage. Returns the sample's key."""
     ix = load_domain_index(str(root), domain, "train")
     shard, off, size = ix.shard_urls[int(ix.shard[row])], int(ix.offset[row]), int(ix.size[row])
     with open(shard, "r+b") as f:
         f.seek(off)
         data = bytearray(f.read(size))
         base, arrays = _member_arrays(bytes(data))
-        lo = base + arrays[array]["data_offsets"][0] + element
+        block, _, _ = decode_block_arrays(bytes(data))
+        assert len(block["atom_ptr"]) > 3, "the damaged sample should share its block with others"
+        first = int(block[PTR[array]][int(ix.item[row])]) * ROW_BYTES[array]  # the sample's first row in the array
+        lo = base + arrays[array]["data_offsets"][0] + first + element
         data[lo : lo + len(raw)] = raw
         f.seek(off)
         f.write(data)
     rel = f"index/{domain}.parquet"
     t = pq.read_table(root / rel)
     crc = t["crc32"].to_numpy().copy()
-    crc[t["key"].to_pylist().index(ix.keys[row])] = zlib.crc32(bytes(data))
+    shard_col, off_col = t["shard"].to_pylist(), t["offset"].to_numpy()
+    for r in range(t.num_rows):
+        if shard.endswith(shard_col[r]) and off_col[r] == off:
+            crc[r] = zlib.crc32(bytes(data))
     pq.write_table(t.set_column(t.column_names.index("crc32"), "crc32", pa.array(crc, pa.int64())), root / rel)
     man = json.loads((root / "manifest.json").read_text())
     for sh in man["shards"]:
@@ -91,7 +102,7 @@ def test_corrupt_values_skipped_and_counted_once_over_many_passes(corrupted, kin
     seen = [k for b in loader for k in b["keys"]]
     st = loader.stats()[DOMAIN]
     assert st["pass"] >= 2  # the bad sample was met in several passes ...
-    assert key not in seen and st["bad"] == 1  # ... and counts once: samples, not read attempts
+    assert key not in seen and st["bad"] == 1  # ... and counts once: samples, not read attempts, nor its block
     assert len(set(seen)) == len(load_domain_index(str(root), DOMAIN, "train")) - 1
 
 
@@ -102,35 +113,83 @@ def test_inspect_verify_decodes_and_validates_every_sample(corrupted, capsys):
     assert "FAILED" in out and key in out and "bonds index 10000" in out
 
 
-def _sample_arrays(small_shards) -> dict:
+def _block_arrays(small_shards) -> dict:
+    """The arrays of the first train block of the metabolite domain (several samples)."""
     ix = load_domain_index(str(small_shards), DOMAIN, "train")
     with open(ix.shard_urls[0], "rb") as f:
         f.seek(int(ix.offset[0]))
-        return {k: v.copy() for k, v in decode_arrays(f.read(int(ix.size[0]))).items()}
+        arrays, n, faults = decode_block_arrays(f.read(int(ix.size[0])))
+    assert n > 3 and not faults
+    return {k: v.copy() for k, v in arrays.items()}
 
 
 def _member(arrays: dict) -> bytes:
     from safetensors.numpy import save
 
-    return save(arrays, metadata={"sample": "{}"})
+    return save(arrays, metadata={"block": "{}"})
+
+
+def _decode(data: bytes) -> dict:
+    """decode_block_arrays, raising the first sample fault as the loader's decode_run reports it."""
+    arrays, _, faults = decode_block_arrays(data)
+    if faults:
+        raise SchemaError(next(iter(faults.values())))
+    return arrays
 
 
 def test_dtypes_must_be_exactly_the_schema(small_shards):
-    a = _sample_arrays(small_shards)
-    decode_arrays(_member(a))  # the real sample is fine
+    a = _block_arrays(small_shards)
+    _decode(_member(a))  # the real block is fine
     wide = dict(a, z=np.full(len(a["z"]), 500, np.int64))  # int64 500 would wrap to 244 as uint8
     with pytest.raises(SchemaError, match="'z' has dtype int64, the schema says uint8"):
-        decode_arrays(_member(wide))
+        _decode(_member(wide))
     with pytest.raises(SchemaError, match="'pos' has dtype float64"):
-        decode_arrays(_member(dict(a, pos=a["pos"].astype(np.float64))))
+        _decode(_member(dict(a, pos=a["pos"].astype(np.float64))))
     with pytest.raises(SchemaError, match="'bonds' has shape"):
-        decode_arrays(_member(dict(a, bonds=a["bonds"][:, :1].copy())))
+        _decode(_member(dict(a, bonds=a["bonds"][:, :1].copy())))
     with pytest.raises(SchemaError, match="'bond_order' has shape"):
-        decode_arrays(_member(dict(a, bond_order=a["bond_order"][:-1].copy())))
+        _decode(_member(dict(a, bond_order=a["bond_order"][:-1].copy())))
     with pytest.raises(SchemaError, match="unknown array 'extra'"):
-        decode_arrays(_member(dict(a, extra=np.zeros(3, np.uint8))))
+        _decode(_member(dict(a, extra=np.zeros(3, np.uint8))))
     with pytest.raises(SchemaError, match="i < j"):
-        decode_arrays(_member(dict(a, edges=a["edges"][:, ::-1].copy())))
+        _decode(_member(dict(a, edges=a["edges"][:, ::-1].copy())))
+    with pytest.raises(SchemaError, match="'edge_ptr' has shape"):  # offsets of another number of samples
+        _decode(_member(dict(a, edge_ptr=a["edge_ptr"][:-1].copy())))
+    with pytest.raises(SchemaError, match="'atom_ptr' has dtype int64"):
+        _decode(_member(dict(a, atom_ptr=a["atom_ptr"].astype(np.int64))))
+    with pytest.raises(SchemaError, match=r"arrays \['bond_ptr'\] are missing"):
+        _decode(_member({k: v for k, v in a.items() if k != "bond_ptr"}))
+
+
+def _ptr(a: dict, name: str, edit) -> dict:
+    p = a[name].copy()
+    edit(p)
+    return dict(a, **{name: p})
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("atom_ptr", lambda p: p.__setitem__(0, 1), "atom_ptr .* must start at 0"),
+    ("atom_ptr", lambda p: p.__setitem__(-1, p[-1] + 1), r"atom_ptr .* end at N="),
+    ("atom_ptr", lambda p: p.__setitem__(2, p[1]), "atom_ptr .* rise"),  # a sample of no atoms
+    ("atom_ptr", lambda p: p.__setitem__(2, p[3] + 1), "atom_ptr .* rise"),  # falls: negative-length sample
+    ("bond_ptr", lambda p: p.__setitem__(1, -5), "bond_ptr .* never fall"),
+    ("edge_ptr", lambda p: p.__setitem__(-1, 2**31 - 1), r"edge_ptr .* end at E="),
+])
+def test_block_offsets_must_partition_the_arrays(small_shards, name, edit, message):
+    with pytest.raises(SchemaError, match=message):
+        decode_block_arrays(_member(_ptr(_block_arrays(small_shards), name, edit)))
+
+
+def test_indices_are_local_to_their_sample(small_shards):
+    """A bond index valid for the block (< N) but past its own sample's atoms is refused, naming that sample."""
+    a = _block_arrays(small_shards)
+    k = int(np.flatnonzero(np.diff(a["bond_ptr"]) > 0)[1])  # a sample with bonds, not the first
+    b = a["bonds"].copy()
+    n_k = int(a["atom_ptr"][k + 1] - a["atom_ptr"][k])
+    b[int(a["bond_ptr"][k]), 1] = n_k  # one past its own last atom, but inside the block
+    assert n_k < len(a["z"])
+    _, _, faults = decode_block_arrays(_member(dict(a, bonds=b)))
+    assert list(faults) == [k] and f"bonds index {n_k} outside 0..{n_k - 1}" in faults[k]
 
 
 def _with_header(data: bytes, edit) -> bytes:
@@ -143,7 +202,7 @@ def _with_header(data: bytes, edit) -> bytes:
 
 
 def test_array_offsets_must_be_inside_and_not_overlap(small_shards):
-    data = _member(_sample_arrays(small_shards))
+    data = _member(_block_arrays(small_shards))
 
     def overlap(h):  # bond_order's bytes moved onto the start of another array of the same size
         lo, hi = h["bond_order"]["data_offsets"]
@@ -166,14 +225,14 @@ def test_array_offsets_must_be_inside_and_not_overlap(small_shards):
         h["pos"]["shape"] = [h["pos"]["shape"][0], 3.0]
 
     with pytest.raises(SchemaError, match="overlapping"):
-        decode_arrays(_with_header(data, overlap))
+        _decode(_with_header(data, overlap))
     for edit in (negative, outside):
         with pytest.raises(SchemaError, match="byte range"):
-            decode_arrays(_with_header(data, edit))
+            _decode(_with_header(data, edit))
     with pytest.raises(SchemaError, match="'z' has .* bytes for shape"):
-        decode_arrays(_with_header(data, short))
+        _decode(_with_header(data, short))
     with pytest.raises(SchemaError, match="'pos' has shape"):
-        decode_arrays(_with_header(data, float_width))
+        _decode(_with_header(data, float_width))
 
 
 # -- the index ------------------------------------------------------------------------------------------
@@ -220,12 +279,72 @@ def test_bad_index_rows_rejected_at_load_naming_the_row(small_shards, tmp_path, 
         resolve(config(root, oversize_policy="crop"))
 
 
-def test_overlapping_rows_rejected(small_shards, tmp_path):
+def _blocks_of_first_shard(cols) -> list[list[int]]:
+    """Row numbers of each block member of the index's first shard, in block order, rows by item."""
+    by_off: dict[int, list[int]] = {}
+    for i, (sh, off) in enumerate(zip(cols["shard"], cols["offset"], strict=True)):
+        if sh == cols["shard"][0]:
+            by_off.setdefault(off, []).append(i)
+    return [sorted(rows, key=lambda i: cols["item"][i]) for _, rows in sorted(by_off.items())]
+
+
+def _move_rows(edit_rows):
     def edit(cols):
-        rows = [i for i, s in enumerate(cols["shard"]) if s == cols["shard"][0]]
-        cols["offset"][rows[1]] = cols["offset"][rows[0]]
-    with pytest.raises(SchemaError, match="overlap another row's member"):
+        blocks = _blocks_of_first_shard(cols)
+        assert len(blocks) >= 2 and all(len(b) >= 3 for b in blocks[:2])
+        edit_rows(cols, *blocks[:2])
+    return edit
+
+
+def _into(cols, row, block_row, item):  # row now claims to be sample ``item`` of another block
+    for c in ("offset", "size", "crc32"):
+        cols[c][row] = cols[c][block_row]
+    cols["item"][row] = item
+
+
+@pytest.mark.parametrize("edit, message", [
+    # one row of the second block points 8 bytes into the first: members overlap
+    (_move_rows(lambda c, a, b: c["offset"].__setitem__(b[0], c["offset"][a[0]] + 8)), "overlap another row's member"),
+    # the second block's rows moved onto the first's offset, keeping their own size: one member, two sizes
+    (_move_rows(lambda c, a, b: [c["offset"].__setitem__(r, c["offset"][a[0]]) for r in b]),
+     "differs from another row of the block"),
+    (_move_rows(lambda c, a, b: c["item"].__setitem__(a[1], 0)), "must number its samples 0, 1, 2"),
+    (_move_rows(lambda c, a, b: c["item"].__setitem__(a[0], 1)), "must number its samples 0, 1, 2"),
+    (_move_rows(lambda c, a, b: c["item"].__setitem__(a[1], 5000)), r"item 5000 outside 0\.\.1023"),
+])
+def test_block_rows_must_describe_one_member_each(small_shards, tmp_path, edit, message):
+    with pytest.raises(SchemaError, match=message):
         resolve(config(tampered(small_shards, tmp_path, edit), oversize_policy="crop"))
+
+
+def test_index_claiming_more_samples_than_a_block_holds_is_caught_on_read(small_shards, tmp_path):
+    """The last row of the second block re-pointed as an extra sample of the first: the index is consistent on its
+    own (numbering 0..S), only the block's offsets show it holds S samples; the reader refuses the row."""
+    moved = []
+
+    def edit(cols):
+        blocks = _blocks_of_first_shard(cols)
+        a, b = blocks[0], blocks[1]
+        _into(cols, b[-1], a[0], len(a))
+        moved.append(cols["key"][b[-1]])
+    root = tampered(small_shards, tmp_path, edit)
+    cfg = config(root, weights={DOMAIN: 1.0}, max_atoms=3000, train_batches_per_epoch=4)
+    with pytest.raises(SchemaError, match=r"item \d+ of a block of \d+ samples; the index does not match the shard"):
+        list(TrainLoader(resolve(cfg)))
+    loader = TrainLoader(resolve(config(root, weights={DOMAIN: 1.0}, max_atoms=3000, train_batches_per_epoch=8,
+                                        bad_sample_policy="skip")))
+    seen = {k for batch in loader for k in batch["keys"]}
+    assert moved[0] not in seen and loader.stats()[DOMAIN]["bad"] >= 1
+
+
+def test_index_without_the_item_column_is_refused(small_shards, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(small_shards, root)
+    rel = root / "index" / f"{DOMAIN}.parquet"
+    t = pq.read_table(rel)
+    pq.write_table(t.drop_columns(["item"]), rel)
+    with pytest.raises(SchemaError, match=r"lacks the columns \['item'\]; re-convert"):
+        resolve(config(root, oversize_policy="crop"))
 
 
 def test_duplicate_keys_across_splits_rejected(small_shards, tmp_path):
@@ -350,42 +469,43 @@ def test_max_edges_with_crop_applies_to_eval(small_shards):
         assert b.stats["edges"] <= 3000
 
 
-def test_crafted_member_roundtrip_is_valid(small_shards):
-    """encode_sample output always passes validation (the writer and the reader agree on the schema)."""
-    from pipeline.schema import decode_sample
-
+def test_block_roundtrip_is_byte_identical(small_shards):
+    """decode_block then encode_block gives the member's bytes back (the writer and the reader agree on the
+    schema, metadata included), and every sample sits at its index row's item with the row's counts."""
     ix = load_domain_index(str(small_shards), DOMAIN, "train")
+    rows = np.flatnonzero((ix.shard == 0) & (ix.offset == ix.offset[0]))
     with open(ix.shard_urls[0], "rb") as f:
         f.seek(int(ix.offset[0]))
-        s = decode_sample(f.read(int(ix.size[0])))
-    decode_arrays(encode_sample(s))
+        data = f.read(int(ix.size[0]))
+    samples = decode_block(data)
+    assert encode_block(samples) == data
+    assert [s.key for s in samples] == ix.keys.take(rows) and ix.item[rows].tolist() == list(range(len(rows)))
+    assert [s.num_atoms for s in samples] == ix.num_atoms[rows].tolist()
+    with pytest.raises(ValueError, match="does not share block fields"):
+        encode_block([samples[0], type(samples[0])(**{**vars(samples[1]), "radius_A": 9.0})])
 
 
-def test_block_validation_names_each_bad_member_small_and_large(small_shards):
-    """decode_many checks small samples together and large ones alone: in a mixed block exactly the bad ones fail."""
-    from pipeline.schema import BLOCK_CHECK_MAX_ATOMS, decode_many
+def test_block_validation_rejects_exactly_the_bad_samples(small_shards):
+    """One block, two damaged samples: sample_faults names those two; the loader's decode_run under 'skip'
+    returns every other sample of the block, and under 'raise' names the first bad one."""
+    from pipeline.read import decode_run
 
-    def members(domain, n):
-        ix = load_domain_index(str(small_shards), domain, "train")
-        out = []
-        with open(ix.shard_urls[0], "rb") as f:
-            for i in range(n):
-                f.seek(int(ix.offset[i]))
-                out.append(bytearray(f.read(int(ix.size[i]))))
-        return ix, out
-
-    pix, big = members("protein", 2)
-    _, small = members(DOMAIN, 3)
-    assert (pix.num_atoms[:2] > BLOCK_CHECK_MAX_ATOMS).all()
-
-    def smash(data, array, raw):
-        base, arrays = _member_arrays(bytes(data))
-        lo = base + arrays[array]["data_offsets"][0]
-        data[lo : lo + len(raw)] = raw
-        return bytes(data)
-
-    block = [bytes(small[0]), smash(big[0], "z", b"\x00"), None, smash(small[1], "pos", np.float32(np.nan).tobytes()),
-             bytes(big[1]), bytes(small[2])]
-    got = decode_many(block)
-    assert [type(g).__name__ for g in got] == ["dict", "SchemaError", "NoneType", "SchemaError", "dict", "dict"]
-    assert "atomic number 0" in str(got[1]) and "not all finite" in str(got[3])
+    ix = load_domain_index(str(small_shards), DOMAIN, "train")
+    rows = np.flatnonzero((ix.shard == 0) & (ix.offset == ix.offset[0]))
+    with open(ix.shard_urls[0], "rb") as f:
+        f.seek(int(ix.offset[0]))
+        samples = decode_block(f.read(int(ix.size[0])))
+    samples[1].z[0] = 0
+    samples[3].pos[-1, 2] = np.nan
+    data = encode_block(samples)
+    _, n, faults = decode_block_arrays(data)
+    assert n == len(rows) and list(faults) == [1, 3]
+    assert "atomic number 0" in faults[1] and "not all finite" in faults[3]
+    ix.crc32[rows] = zlib.crc32(data)
+    got = decode_run([(rows, data)], ix, "skip")
+    assert [g is None for g in got] == [k in (1, 3) for k in range(len(rows))]
+    assert [g.key for g in got if g is not None] == [s.key for k, s in enumerate(samples) if k not in (1, 3)]
+    with pytest.raises(SchemaError, match=rf"{samples[1].key}: atomic number 0"):
+        decode_run([(rows, data)], ix, "raise")
+    got = decode_run([(rows[4:], data)], ix, "raise")  # a read of part of the block sees only its own samples
+    assert [g.key for g in got] == [s.key for s in samples[4:]]

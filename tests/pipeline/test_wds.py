@@ -7,8 +7,8 @@ import pytest
 
 from pipeline import storage
 from pipeline.index import load_domain_index, read_manifest
-from pipeline.schema import SPLITS, Sample, decode_sample
-from pipeline.wds import decode, sample_of, shard_urls
+from pipeline.schema import SPLITS, Sample, decode_block
+from pipeline.wds import decode, samples, shard_urls
 
 wds = pytest.importorskip("webdataset")
 
@@ -23,7 +23,9 @@ def _ours(root) -> dict[str, Sample]:
             ix = load_domain_index(str(root), domain, split)
             for i in range(len(ix)):
                 data = storage.read_range(ix.shard_urls[int(ix.shard[i])], int(ix.offset[i]), int(ix.size[i]))
-                out[str(ix.keys[i])] = decode_sample(data)
+                s = decode_block(data)[int(ix.item[i])]
+                assert s.key == str(ix.keys[i])
+                out[s.key] = s
     return out
 
 
@@ -41,7 +43,7 @@ def test_webdataset_reads_every_sample_equal_to_our_reader(demo_shards):
     urls = shard_urls(str(demo_shards), split=None)
     assert len(urls) == len(read_manifest(str(demo_shards))["shards"])
     got = {}
-    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode(decode).map(sample_of):
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode(decode).compose(samples):
         assert isinstance(s, Sample) and s.key not in got, "a sample came twice"
         got[s.key] = s
     assert got.keys() == ours.keys() and len(got) == 736
@@ -49,10 +51,10 @@ def test_webdataset_reads_every_sample_equal_to_our_reader(demo_shards):
         _same(s, ours[k])
 
 
-def test_split_and_domain_filters_and_map_without_decode(demo_shards):
+def test_split_and_domain_filters_and_compose_without_decode(demo_shards):
     train = shard_urls(str(demo_shards), split="train", domains=["rna"])
     assert train and all("/rna/" in u and "-val-" not in u and "-test-" not in u for u in train)
-    keys = {s.key for s in wds.WebDataset(train, shardshuffle=False, empty_check=False).map(sample_of)}
+    keys = {s.key for s in wds.WebDataset(train, shardshuffle=False, empty_check=False).compose(samples)}
     ix = load_domain_index(str(demo_shards), "rna", "train")
     assert keys == set(map(str, ix.keys))
 

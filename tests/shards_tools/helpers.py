@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.schema import Sample, decode_sample
+from pipeline.schema import Sample, decode_block
 
 
 def read_back(root: Path) -> dict[tuple[str, int], Sample]:
@@ -20,8 +20,8 @@ def read_back(root: Path) -> dict[tuple[str, int], Sample]:
     for sh in man["shards"]:
         with tarfile.open(root / sh["path"]) as tar:
             for m in tar:
-                s = decode_sample(tar.extractfile(m).read())
-                out[(s.source, s.record)] = s
+                for s in decode_block(tar.extractfile(m).read()):
+                    out[(s.source, s.record)] = s
     return out
 
 

@@ -160,7 +160,7 @@ def test_reader_refuses_an_unknown_format_version(demo_shards, monkeypatch):
 
     man = json.loads((demo_shards / "manifest.json").read_text())
     with tarfile.open(demo_shards / man["shards"][0]["path"]) as tar:
-        s = decode_sample(tar.extractfile(tar.next()).read())
+        s = schema.decode_block(tar.extractfile(tar.next()).read())[0]
     monkeypatch.setattr(schema, "FORMAT_VERSION", 9)
     data = schema.encode_sample(s)
     monkeypatch.setattr(schema, "FORMAT_VERSION", FORMAT_VERSION)
@@ -168,6 +168,12 @@ def test_reader_refuses_an_unknown_format_version(demo_shards, monkeypatch):
         decode_sample(data)
     with pytest.raises(SchemaError, match="too short"):
         decode_sample(b"\x01")
+    # a member of format 1 (one sample per member, a 'sample' metadata entry) is refused with the same advice
+    from safetensors.numpy import save
+
+    v1 = save({"z": s.z, "pos": s.pos}, metadata={"sample": json.dumps({"format_version": 1, "key": s.key})})
+    with pytest.raises(SchemaError, match="format version 1.*re-convert"):
+        schema.decode_block(v1)
     man["format_version"] = 7
     other = demo_shards.parent / "v7"
     other.mkdir()

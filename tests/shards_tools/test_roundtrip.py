@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from rdkit import Chem
 
+from pipeline.schema import FORMAT_VERSION
 from shards_tools.convert import main
 from tests.shards_tools.helpers import index_rows, pyg_data_list, read_back, save_pt, xyz_records
 
@@ -180,7 +181,7 @@ def test_index_manifest_and_keys_are_consistent(demo_shards):
         d = sh["domain"]
         assert sh["path"].startswith(f"{d}/{d}-") and sh["path"].endswith(".tar")
         assert (demo_shards / sh["path"]).stat().st_size == sh["bytes"]
-    assert json.loads((demo_shards / "manifest.json").read_text())["format_version"] == 1
+    assert json.loads((demo_shards / "manifest.json").read_text())["format_version"] == FORMAT_VERSION == 2
 
 
 def test_samples_are_shuffled_within_a_domain(demo_shards):

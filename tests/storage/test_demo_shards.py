@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from pipeline import storage
-from pipeline.schema import MANIFEST_NAME
+from pipeline.schema import MANIFEST_NAME, decode_block
 from tests.storage.helpers import BUCKET, fast_options
 from tests.storage_servers import FaultProxy
 
@@ -40,7 +40,7 @@ def demo_on_s3(demo_shards, moto, objects):
 
 def test_demo_pass_through_faults_equals_local_pass(s3_env, demo_shards, demo_on_s3):
     local = members(str(demo_shards))
-    assert sum(local.values()) > 100
+    assert sum(local.values()) > 20 and sum(len(decode_block(k[2])) for k in local) == 736  # block members
     assert members(demo_on_s3, fast_options()) == local
     with FaultProxy(s3_env.endpoint, rate=0.2, seed=3, stall_s=1.5) as proxy:
         faulty = members(demo_on_s3, fast_options(endpoint_url=proxy.endpoint, chunk_bytes=256 << 10))

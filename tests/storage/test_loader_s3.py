@@ -127,12 +127,13 @@ def faulty_shard(split_shards: Path, kind: str):
     rel = Path(ix.shard_urls[shard]).relative_to(split_shards).as_posix()
     ids = [i for i in range(len(ix)) if int(ix.shard[i]) == shard]
     assert len(ids) >= 2
-    if kind == "flip":
-        return dom, rel, _flip(ix, ids[0]), {ix.keys[ids[0]]}
+    if kind == "flip":  # a bit of a block member: every sample of that block is lost (its crc32 fails)
+        return dom, rel, _flip(ix, ids[0]), {ix.keys[i] for i in ids if ix.offset[i] == ix.offset[ids[0]]}
     if kind == "missing":
         return dom, rel, None, {ix.keys[i] for i in ids}
-    cut = int(ix.offset[ids[len(ids) // 2]]) + 5  # inside a member: it and every later one are lost
-    return dom, rel, _truncate(cut), {ix.keys[i] for i in ids[len(ids) // 2 :]}
+    cut_at = int(ix.offset[ids[len(ids) // 2]])
+    cut = cut_at + 5  # inside a block member: it and every later one are lost
+    return dom, rel, _truncate(cut), {ix.keys[i] for i in ids if ix.offset[i] >= cut_at}
 
 
 @pytest.mark.parametrize("kind", ["flip", "truncate", "missing"])
