@@ -199,9 +199,11 @@ def decode_run(members: list[tuple[np.ndarray, bytes | None]], index: DomainInde
 
 
 def sample_bytes(s: Sample) -> int:
-    """Bytes a decoded sample holds (what a shuffle buffer counts)."""
-    return sum(x.nbytes for x in (s.z, s.pos, s.bonds, s.bond_order, s.edges, s.res_index, s.chain, s.atom_name)
-               if x is not None)
+    """Bytes a decoded sample's arrays hold (what a shuffle buffer counts), from its row counts and the schema's
+    dtypes: 13 an atom (z, pos), 9 a bond (pair, order), 8 a stored pair, plus the optional per-atom arrays."""
+    n = len(s.z)
+    extra = (0 if s.res_index is None else 4) + (0 if s.chain is None else 2) + (0 if s.atom_name is None else 4)
+    return (13 + extra) * n + 9 * len(s.bonds) + 8 * len(s.edges)
 
 
 class DomainSource:
