@@ -311,7 +311,8 @@ def replicate(shards: Path, out: Path, times: int) -> None:
 
 
 def many_shards(shards: Path, out: Path, n_shards: int, per_shard: int = 5) -> None:
-    """A synthetic root with ``n_shards`` small valid tar shards of small molecules (one domain)."""
+    """A synthetic root with ``n_shards`` small valid tar shards of small molecules (one domain, one block each)."""
+    import dataclasses
     import io
     import tarfile
 
@@ -322,7 +323,7 @@ def many_shards(shards: Path, out: Path, n_shards: int, per_shard: int = 5) -> N
     from pipeline.config import DataConfig
     from pipeline.loader import resolve
     from pipeline.read import ShardFetcher, decode_run
-    from pipeline.schema import encode_sample
+    from pipeline.schema import encode_block
 
     res = resolve(DataConfig(root=str(shards), domains=({"name": "small_molecule"},), oversize_policy="crop"))
     ix = res.train[0]
@@ -337,21 +338,23 @@ def many_shards(shards: Path, out: Path, n_shards: int, per_shard: int = 5) -> N
         rel = f"small_molecule/small_molecule-{s_i:06d}.tar"
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            block = []
             for _ in range(per_shard):
                 s = pool[k % len(pool)]
-                s.key = f"m{k:08d}"
-                data = encode_sample(s)
-                info = tarfile.TarInfo(f"{s.key}.safetensors")
-                info.size = len(data)
-                start = tar.offset  # a USTAR header with a short name is one 512-byte block
-                tar.addfile(info, io.BytesIO(data))
+                block.append(dataclasses.replace(s, key=f"m{k:08d}", record=k))
+                k += 1
+            data = encode_block(block)  # the shard's samples in one block member, as the converter writes them
+            info = tarfile.TarInfo(f"{block[0].key}.safetensors")
+            info.size = len(data)
+            start = tar.offset  # a USTAR header with a short name is one 512-byte block
+            tar.addfile(info, io.BytesIO(data))
+            for item, s in enumerate(block):
                 for c, v in (("key", s.key), ("domain", "small_molecule"), ("split", "train"), ("shard", rel),
-                             ("offset", start + 512), ("size", len(data)), ("item", 0),
+                             ("offset", start + 512), ("size", len(data)), ("item", item),
                              ("crc32", zlib.crc32(data)), ("num_atoms", s.num_atoms),
                              ("num_bonds", len(s.bonds)), ("num_edges", len(s.edges)), ("source", "synthetic"),
-                             ("record", k)):
+                             ("record", s.record)):
                     rows[c].append(v)
-                k += 1
         (out / rel).write_bytes(buf.getvalue())
     (out / "index").mkdir()
     pq.write_table(pa.table(rows), out / "index" / "small_molecule.parquet")
