@@ -256,9 +256,12 @@ def check_version(version: object, where: str) -> None:
         )
 
 
-def decode_block(data: bytes, where: str = "block") -> list[Sample]:
+def decode_block(data: bytes, where: str = "block", check_values: bool = True) -> list[Sample]:
     """Parse and validate one block member with its metadata (:func:`decode_block_arrays`, chain indices against
-    each sample's chains); never unpickles. Samples own copies of their arrays. Raises :class:`SchemaError`."""
+    each sample's chains); never unpickles. Samples own copies of their arrays. Raises :class:`SchemaError`.
+
+    ``check_values=False`` checks structure and offsets only (the converter reading its own spool: it validates
+    each block it writes once, see :func:`shards_tools.writer.write_shard`)."""
     header = _read_header_metadata(data)
     if "block" not in header and "sample" in header:
         try:
@@ -273,7 +276,11 @@ def decode_block(data: bytes, where: str = "block") -> list[Sample]:
         raise SchemaError(f"{where}: metadata has no readable 'block' entry with 'samples'") from None
     check_version(meta.get("format_version"), where)
     try:
-        arrays, n, faults = decode_block_arrays(data)
+        if check_values:
+            arrays, n, faults = decode_block_arrays(data)
+        else:
+            arrays = _parse_member(data)
+            n, faults = check_offsets(arrays), {}
     except SchemaError as e:
         raise SchemaError(f"{where}: {e}") from None
     if not isinstance(entries, list) or len(entries) != n:
@@ -305,9 +312,9 @@ def decode_block(data: bytes, where: str = "block") -> list[Sample]:
     return out
 
 
-def decode_sample(data: bytes, where: str = "sample") -> Sample:
+def decode_sample(data: bytes, where: str = "sample", check_values: bool = True) -> Sample:
     """:func:`decode_block` of a block that must hold exactly one sample (the converter's spool, caches)."""
-    samples = decode_block(data, where)
+    samples = decode_block(data, where, check_values)
     if len(samples) != 1:
         raise SchemaError(f"{where}: expected a block of one sample, got {len(samples)}")
     return samples[0]

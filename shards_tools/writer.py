@@ -30,7 +30,9 @@ from pipeline.schema import (
     REJECTED_NAME,
     SPLITS,
     Sample,
+    SchemaError,
     block_group,
+    decode_block_arrays,
     decode_sample,
     encode_block,
     sample_nbytes,
@@ -130,7 +132,7 @@ def write_shard(out_root: Path, rel_path: str, members: list[dict], domain: str,
         if f is None:
             f = spools[e["spool"]] = open(e["spool"], "rb")  # noqa: SIM115 - closed below
         f.seek(e["spool_offset"])
-        return decode_sample(f.read(e["size"]), where=f"spool {e['spool']} at {e['spool_offset']}")
+        return decode_sample(f.read(e["size"]), where=f"spool {e['spool']} at {e['spool_offset']}", check_values=False)
 
     try:
         with open(tmp, "wb") as raw:
@@ -138,6 +140,12 @@ def write_shard(out_root: Path, rel_path: str, members: list[dict], domain: str,
             with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for ents, samples in _blocks(members, read):
                     data = encode_block(samples)
+                    _, _, faults = decode_block_arrays(data)  # values checked once per block, as the loader will
+                    if faults:
+                        k, what = next(iter(faults.items()))
+                        raise SchemaError(f"sample {samples[k].key!r} (record {samples[k].record} of "
+                                          f"{samples[k].source!r}) breaks the shard schema: {what}; a parser let it "
+                                          "through: please report it with the input file")
                     info = tarfile.TarInfo(f"{ents[0]['key']}.{MEMBER_EXT}")
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
                     info.uid = info.gid = 0

@@ -340,3 +340,41 @@ def test_an_output_folder_inside_raw_is_not_read_as_input(tmp_path, demo_raw, ca
     for _ in range(2):
         assert main([str(tmp_path / "raw"), str(out), "--no-progress", "--keep-work"]) == 0
         assert "skipped: 0 files of unknown type" in capsys.readouterr().out
+
+
+def test_writer_validates_every_block_it_writes(tmp_path):
+    """A spooled sample that breaks the schema (a parser bug) stops the writer naming it, instead of landing in a
+    shard that the loader would then reject; valid spools give blocks equal to the samples."""
+    import numpy as np
+
+    from pipeline.schema import Sample, SchemaError, decode_block, encode_sample
+    from shards_tools.writer import write_shard
+
+    def sample(k, z):
+        return Sample(key=f"m{k}", domain="small_molecule", z=np.array(z, np.uint8),
+                      pos=np.arange(3 * len(z), dtype=np.float32).reshape(-1, 3), bonds=np.zeros((0, 2), np.int32),
+                      bond_order=np.zeros(0, np.uint8), edges=np.array([[0, 1]], np.int32), source="x.xyz", record=k,
+                      radius_A=5.0, max_neighbors=32)
+
+    def spool(samples, name):
+        path, entries, off = tmp_path / name, [], 0
+        with open(path, "wb") as f:
+            for s in samples:
+                data = encode_sample(s)
+                f.write(data)
+                entries.append({"spool": str(path), "spool_offset": off, "size": len(data), "key": s.key,
+                                "num_atoms": s.num_atoms, "num_bonds": 0, "num_edges": 1, "source": s.source,
+                                "record": s.record})
+                off += len(data)
+        return entries
+
+    good = [sample(k, [6, 1, 1]) for k in range(5)]
+    info, rows = write_shard(tmp_path / "out", "small_molecule/a.tar", spool(good, "a.spool"), "small_molecule", "train")
+    assert [r["item"] for r in rows] == list(range(5)) and len({r["offset"] for r in rows}) == 1
+    with open(tmp_path / "out" / "small_molecule" / "a.tar", "rb") as f:
+        f.seek(rows[0]["offset"])
+        assert [s.key for s in decode_block(f.read(rows[0]["size"]))] == [s.key for s in good]
+    bad = [*good[:2], sample(9, [6, 0, 1]), *good[2:]]
+    with pytest.raises(SchemaError, match=r"sample 'm9' \(record 9 of 'x.xyz'\) breaks the shard schema: atomic number 0"):
+        write_shard(tmp_path / "out", "small_molecule/b.tar", spool(bad, "b.spool"), "small_molecule", "train")
+    assert not (tmp_path / "out" / "small_molecule" / "b.tar").exists()
