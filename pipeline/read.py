@@ -16,7 +16,7 @@ from pipeline.config import DataConfig
 from pipeline.index import DomainIndex
 from pipeline.items import _C, Item
 from pipeline.plan import pass_order, read_blocks, slot_piece
-from pipeline.schema import Sample, SchemaError, decode_block_arrays
+from pipeline.schema import Sample, SchemaError, decode_block_arrays, sample_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +198,6 @@ def decode_run(members: list[tuple[np.ndarray, bytes | None]], index: DomainInde
     return out
 
 
-def sample_bytes(s: Sample) -> int:
-    """Bytes a decoded sample's arrays hold (what a shuffle buffer counts), from its row counts and the schema's
-    dtypes: 13 an atom (z, pos), 9 a bond (pair, order), 8 a stored pair, plus the optional per-atom arrays."""
-    n = len(s.z)
-    extra = (0 if s.res_index is None else 4) + (0 if s.chain is None else 2) + (0 if s.atom_name is None else 4)
-    return (13 + extra) * n + 9 * len(s.bonds) + 8 * len(s.edges)
-
-
 class DomainSource:
     """Plan + read + decode for one domain: yields Items of this slot's piece of pass 0, 1, 2, ..."""
 
@@ -244,7 +236,7 @@ class DomainSource:
         ids = self._piece[lo:hi]
         samples = decode_run(self.fetcher.read_run(ids), self.index, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
         for k, (i, s, e) in enumerate(zip(ids.tolist(), samples, self.index.num_edges[ids].tolist(), strict=True)):
-            self._ready.append((lo + k, Item(self.d, self.pass_, i, s, 0 if s is None else sample_bytes(s), 2 * e)))
+            self._ready.append((lo + k, Item(self.d, self.pass_, i, s, 0 if s is None else sample_nbytes(s), 2 * e)))
         self._next_read = hi
 
     def __iter__(self) -> Iterator[Item]:
@@ -284,7 +276,7 @@ class DomainSource:
         for run in self.fetcher.runs(np.unique(ids[order])):
             samples = decode_run(self.fetcher.read_run(run), self.index, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
             for i, s in zip(run.tolist(), samples, strict=True):
-                got[i] = None if s is None else Item(self.d, 0, i, s, sample_bytes(s),
+                got[i] = None if s is None else Item(self.d, 0, i, s, sample_nbytes(s),
                                                      2 * int(self.index.num_edges[i]))
         out = []
         for p, i in pass_ids:

@@ -185,9 +185,12 @@ def block_group(s: Sample) -> tuple:
 
 
 def sample_nbytes(s: Sample) -> int:
-    """Bytes of a sample's arrays (what it adds to a block, offsets aside)."""
-    return sum(a.nbytes for a in (s.z, s.pos, s.bonds, s.bond_order, s.edges, s.res_index, s.chain, s.atom_name)
-               if a is not None)
+    """Bytes a sample's arrays hold (what it adds to a block; what a shuffle buffer counts), from its row counts
+    and the schema's dtypes: 13 an atom (z, pos), 9 a bond (pair, order), 8 a stored pair, plus the optional
+    per-atom arrays."""
+    n = len(s.z)
+    extra = (0 if s.res_index is None else 4) + (0 if s.chain is None else 2) + (0 if s.atom_name is None else 4)
+    return (13 + extra) * n + 9 * len(s.bonds) + 8 * len(s.edges)
 
 
 def encode_block(samples: list[Sample]) -> bytes:

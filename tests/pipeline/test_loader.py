@@ -233,14 +233,15 @@ def test_read_run_refuses_ids_that_are_not_one_shards_consecutive_members(small_
         f.close()
 
 
-def test_sample_bytes_equals_the_decoded_arrays_bytes(small_shards):
+def test_sample_nbytes_equals_the_decoded_arrays_bytes(small_shards):
     """The shuffle buffer's byte count per sample is what its arrays hold (every domain: optional arrays too)."""
-    from pipeline.read import ShardFetcher, decode_run, sample_bytes
+    from pipeline.read import ShardFetcher, decode_run
+    from pipeline.schema import sample_nbytes
 
     for ix in resolve(config(small_shards, oversize_policy="crop")).train:
         f = ShardFetcher(ix)
         for run in f.runs(np.arange(len(ix))):
             for s in decode_run(f.read_run(run), ix, "raise"):
                 arrays = (s.z, s.pos, s.bonds, s.bond_order, s.edges, s.res_index, s.chain, s.atom_name)
-                assert sample_bytes(s) == sum(a.nbytes for a in arrays if a is not None), s.key
+                assert sample_nbytes(s) == sum(a.nbytes for a in arrays if a is not None), s.key
         f.close()
