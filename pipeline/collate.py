@@ -59,6 +59,7 @@ from scipy.spatial import cKDTree
 from torch_geometric.data import Batch
 
 from pipeline.config import LR_STRATA_A
+from pipeline.items import Block, Rows, gather
 from pipeline.schema import Sample
 
 MASK_TOKEN = 119
@@ -108,46 +109,35 @@ def _cap_neighbors(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, k: int) -
     return keep
 
 
-def _offset_pairs(parts: list[np.ndarray], offsets: np.ndarray, dtype) -> np.ndarray:
-    """Concatenate per-sample [k, 2] index arrays, shifting each by its sample's first atom.
-
-    Vectorised over the batch (one concatenation, one broadcast add: no per-sample numpy call); samples are
-    never modified (``np.concatenate`` always returns a new array).
-    """
-    if not parts:
-        return np.zeros((0, 2), dtype)
-    lens = np.fromiter((p.shape[0] for p in parts), np.int64, len(parts))
-    out = np.concatenate(parts).astype(dtype, copy=False)
-    out += np.repeat(offsets.astype(dtype, copy=False), lens)[:, None]
+def _offset_pairs(pairs: np.ndarray, counts: np.ndarray, offsets: np.ndarray, dtype) -> np.ndarray:
+    """Per-sample [k, 2] index arrays concatenated in ``pairs`` (``counts`` rows each), shifted by their sample's
+    first atom: one broadcast add into a new array (the block is never modified)."""
+    out = pairs.astype(dtype, copy=True).reshape(-1, 2)
+    if len(out):
+        out += np.repeat(offsets.astype(dtype, copy=False), counts)[:, None]
     return out
 
 
-def _check_radius(samples: list[Sample], opt: CollateOptions) -> tuple[bool, bool]:
+def _check_radius(radii: np.ndarray, caps: np.ndarray, keys: list[str], opt: CollateOptions) -> tuple[bool, bool]:
     """Refuse options the shards cannot serve; say whether distance / neighbour filtering is needed."""
-    radii = np.fromiter((s.radius_A for s in samples), np.float64, len(samples))
-    caps = np.fromiter((s.max_neighbors for s in samples), np.int64, len(samples))
-    if len(samples) and (opt.radius_A > radii.min() + 1e-6 or opt.max_neighbors > caps.min()):
-        s = samples[int(np.argmin(radii) if opt.radius_A > radii.min() + 1e-6 else np.argmin(caps))]
+    if len(radii) and (opt.radius_A > radii.min() + 1e-6 or opt.max_neighbors > caps.min()):
+        k = int(np.argmin(radii) if opt.radius_A > radii.min() + 1e-6 else np.argmin(caps))
         raise ValueError(
-            f"sample {s.key} was converted with radius {s.radius_A} Å / max_neighbors {s.max_neighbors}, "
+            f"sample {keys[k]} was converted with radius {float(radii[k])} Å / max_neighbors {int(caps[k])}, "
             f"but the loader asks for radius {opt.radius_A} Å / max_neighbors {opt.max_neighbors}; "
             "lower them in the config or re-convert with larger --radius/--max-neighbors"
         )
-    need_dist = len(samples) > 0 and opt.radius_A < radii.max() - 1e-6
-    need_cap = len(samples) > 0 and opt.max_neighbors < caps.max()
+    need_dist = len(radii) > 0 and opt.radius_A < radii.max() - 1e-6
+    need_cap = len(radii) > 0 and opt.max_neighbors < caps.max()
     return bool(need_dist), bool(need_cap)
 
 
-def radius_pairs(samples: list[Sample], offsets: np.ndarray, pos: np.ndarray, opt: CollateOptions) -> np.ndarray:
-    """Stored radius pairs (i < j) of all samples, filtered to ``opt.radius_A`` and ``opt.max_neighbors``.
+def radius_pairs(pairs: np.ndarray, pos: np.ndarray, need_dist: bool, need_cap: bool, opt: CollateOptions) -> np.ndarray:
+    """Stored radius pairs (i < j, batch-wide indices), filtered to ``opt.radius_A`` and ``opt.max_neighbors``.
 
     The stored pairs already satisfy the converter's cutoff and cap; filtering (a distance per pair) only
-    runs when the options ask for less. Returned as int32 when the batch has fewer than 2**31 atoms.
+    runs when the options ask for less (``need_dist``, ``need_cap`` from :func:`_check_radius`).
     """
-    need_dist, need_cap = _check_radius(samples, opt)
-    n = int(offsets[-1] + samples[-1].num_atoms) if samples else 0
-    dtype = np.int32 if n < 2**31 - 1 else np.int64
-    pairs = _offset_pairs([s.edges for s in samples], offsets, dtype)
     if len(pairs) == 0 or not (need_dist or need_cap):
         return pairs
     d = np.linalg.norm(pos[pairs[:, 0]] - pos[pairs[:, 1]], axis=1)
@@ -334,7 +324,19 @@ def _input_types(z: np.ndarray, mask: np.ndarray, opt: CollateOptions, rng: np.r
 def collate_compact(
     samples: list[Sample], domain_ids: list[int], opt: CollateOptions, rng: np.random.Generator
 ) -> dict:
-    """All the per-batch work of :func:`collate`, in a compact form (int32 pairs stored once, uint8 elements).
+    """:func:`collate_block` of whole samples (evaluation, fine-tuning, embedding)."""
+    block = Block.from_samples(samples) if samples else gather(Rows.empty())
+    radii = np.fromiter((s.radius_A for s in samples), np.float64, len(samples))
+    caps = np.fromiter((s.max_neighbors for s in samples), np.int64, len(samples))
+    return collate_block(block, radii, caps, [s.key for s in samples], domain_ids, opt, rng)
+
+
+def collate_block(
+    block: Block, radii: np.ndarray, caps: np.ndarray, keys: list[str], domain_ids, opt: CollateOptions,
+    rng: np.random.Generator,
+) -> dict:
+    """All the per-batch work of :func:`collate`, in a compact form (int32 pairs stored once, uint8 elements),
+    over the batch's samples as one :class:`~pipeline.items.Block` (graph options ``radii``/``caps`` per sample).
 
     DataLoader workers return this: it is a third of the bytes of the finished batch, and moving bytes
     from a worker to the main process costs about as much as computing them. :func:`expand` finishes it.
@@ -344,17 +346,18 @@ def collate_compact(
     pairs out of the pairs between unmasked atoms, remove masked atoms' bonds and held-out pairs from the
     bonds, draw long-range pairs among the pairs that are not input edges. Targets use the clean positions.
     """
-    g = len(samples)
-    counts = np.fromiter((s.z.shape[0] for s in samples), np.int64, g)
-    ptr = np.zeros(g + 1, np.int64)
-    np.cumsum(counts, out=ptr[1:])
+    counts = block.counts("atom")
+    g = len(counts)
+    ptr = block.ptr["atom"]
     offsets = ptr[:-1]
     n = int(ptr[-1])
-    z = np.concatenate([s.z for s in samples]) if g else np.zeros(0, np.uint8)
-    pos = np.concatenate([s.pos for s in samples]).astype(np.float32, copy=False) if g else np.zeros((0, 3), np.float32)
+    z = block.arrays["z"]
+    pos = block.arrays["pos"]
     idx_t = np.int32 if n < 2**31 - 1 else np.int64
-    bonds = _offset_pairs([s.bonds for s in samples], offsets, idx_t)  # i < j (schema)
-    pairs = radius_pairs(samples, offsets, pos, opt) if g else np.zeros((0, 2), np.int32)
+    bonds = _offset_pairs(block.arrays["bonds"], block.counts("bond"), offsets, idx_t)  # i < j (schema)
+    need_dist, need_cap = _check_radius(np.asarray(radii, np.float64), np.asarray(caps, np.int64), keys, opt)
+    pairs = radius_pairs(_offset_pairs(block.arrays["edges"], block.counts("edge"), offsets, idx_t), pos,
+                         need_dist, need_cap, opt)
 
     # masked atoms: chosen per molecule, types replaced, positions noised, their radius pairs rebuilt
     mlm_mask = mask_atoms(counts, opt.mask_fraction, rng)
@@ -403,8 +406,8 @@ def collate_compact(
         "sr_target": t(np.linalg.norm(pos[sr[:, 0]] - pos[sr[:, 1]], axis=1).astype(np.float32)),
         "lr": t(lr),
         "lr_target": t(np.linalg.norm(pos[lr[0]] - pos[lr[1]], axis=1).astype(np.float32)),
-        "domain": torch.tensor(domain_ids, dtype=torch.long),
-        "keys": [s.key for s in samples],
+        "domain": torch.as_tensor(np.asarray(domain_ids, np.int64).reshape(-1)),
+        "keys": list(keys),
     }
 
 

@@ -1,4 +1,12 @@
-"""What travels between the training stages: :class:`Item`, the per-domain counters, :class:`BlockRandom`."""
+"""What travels between the training stages: decoded blocks (:class:`Block`), columns of references to their
+samples (:class:`Rows`), :func:`gather` (the samples of some rows as one block), the per-domain counters and
+:class:`BlockRandom`.
+
+A training stream never makes one Python object per sample: a read decodes a block member once into a
+:class:`Block` (the four arrays collation needs, concatenated, with offset arrays), and the shuffle buffer, the
+mixer and the packer move :class:`Rows` -- numpy columns (domain, pass, id, atoms, edges, bytes, block, item) --
+between them. A batch is gathered with one fancy-index per array and block.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +18,200 @@ COUNTERS = ("samples", "atoms", "bad", "oversize_skipped", "oversize_cropped", "
 """Per-domain counters of a stream (batches: batches that contain the domain)."""
 _C = {name: i for i, name in enumerate(COUNTERS)}
 
+ARRAYS = {"z": "atom", "pos": "atom", "bonds": "bond", "edges": "edge"}
+"""The arrays a training block holds (what collation reads), each with the row family its offsets count."""
+ROW_BYTES = {"atom": 13, "bond": 8, "edge": 8}
+"""Bytes a block holds per atom (z uint8, pos 3 x float32), per bond and per stored pair (2 x int32)."""
 
-class Item:
-    """A decoded sample travelling through the stages, with its origin (domain, pass, sample id)."""
 
-    __slots__ = ("d", "pass_", "idx", "atoms", "edges", "nbytes", "sample")
+class Block:
+    """Samples of one domain: the :data:`ARRAYS` concatenated (pair indices local to their sample) and int64
+    offsets ``ptr[family]`` [S + 1]. ``nbytes``: the bytes it holds."""
 
-    def __init__(self, d: int, pass_: int, idx: int, sample: Sample | None, nbytes: int, edges: int) -> None:
-        self.d, self.pass_, self.idx, self.sample, self.nbytes = d, pass_, idx, sample, nbytes
-        self.atoms = 0 if sample is None else sample.num_atoms
-        self.edges = edges  # directed radius edges (2 x stored pairs), an upper bound after filtering
+    __slots__ = ("arrays", "ptr", "nbytes")
+
+    def __init__(self, arrays: dict[str, np.ndarray], ptr: dict[str, np.ndarray]) -> None:
+        self.arrays, self.ptr = arrays, ptr
+        self.nbytes = sum(a.nbytes for a in arrays.values()) + sum(p.nbytes for p in ptr.values())
+
+    @staticmethod
+    def from_arrays(a: dict[str, np.ndarray]) -> Block:
+        """A block of decoded shard arrays (:func:`pipeline.schema.decode_block_arrays`): copies of the arrays
+        collation needs, so the member's bytes are not pinned."""
+        return Block({name: np.array(a[name]) for name in ARRAYS},
+                     {fam: a[f"{fam}_ptr"].astype(np.int64) for fam in ROW_BYTES})
+
+    @staticmethod
+    def from_samples(samples: list[Sample]) -> Block:
+        ptr = {}
+        for fam, name in (("atom", "z"), ("bond", "bonds"), ("edge", "edges")):
+            p = np.zeros(len(samples) + 1, np.int64)
+            np.cumsum([len(getattr(s, name)) for s in samples], out=p[1:])
+            ptr[fam] = p
+        arrays = {"z": np.concatenate([s.z for s in samples]).astype(np.uint8, copy=False),
+                  "pos": np.concatenate([s.pos for s in samples]).astype(np.float32, copy=False),
+                  "bonds": np.concatenate([s.bonds.reshape(-1, 2) for s in samples]).astype(np.int32, copy=False),
+                  "edges": np.concatenate([s.edges.reshape(-1, 2) for s in samples]).astype(np.int32, copy=False)}
+        return Block(arrays, ptr)
+
+    def counts(self, fam: str) -> np.ndarray:
+        return np.diff(self.ptr[fam])
+
+    def sample(self, k: int, key: str, domain: str, radius_A: float, max_neighbors: int) -> Sample:
+        """Copies of sample ``k`` (no bond orders or optional arrays: a training block does not hold them)."""
+        a, p = self.arrays, self.ptr
+        sl = {name: slice(int(p[fam][k]), int(p[fam][k + 1])) for name, fam in ARRAYS.items()}
+        return Sample(key=key, domain=domain, z=a["z"][sl["z"]].copy(), pos=a["pos"][sl["pos"]].copy(),
+                      bonds=a["bonds"][sl["bonds"]].copy(), bond_order=np.zeros(0, np.uint8),
+                      edges=a["edges"][sl["edges"]].copy(), radius_A=radius_A, max_neighbors=max_neighbors)
+
+
+def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + c)`` for every (start, count): one vectorised index."""
+    counts = np.asarray(counts, np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    ends = np.cumsum(counts)
+    shift = np.repeat(np.asarray(starts, np.int64) - (ends - counts), counts)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+COLUMNS = ("d", "pass_", "idx", "atoms", "edges", "nbytes", "blk", "item")
+"""Columns of :class:`Rows`: domain, pass, sample id, atoms, directed radius edges (an upper bound after
+filtering), bytes held, block (position in ``Rows.blocks``), position in the block."""
+
+
+class Rows:
+    """References to samples (one entry per sample, numpy int64 columns :data:`COLUMNS`) and the blocks that hold
+    them. Every block of ``blocks`` is referenced by some row (operations drop the others)."""
+
+    __slots__ = (*COLUMNS, "blocks")
+
+    def __init__(self, blocks: list[Block], **cols: np.ndarray) -> None:
+        self.blocks = blocks
+        for name in COLUMNS:
+            setattr(self, name, np.asarray(cols[name], np.int64))
+
+    @staticmethod
+    def empty() -> Rows:
+        z = np.zeros(0, np.int64)
+        return Rows([], **{name: z for name in COLUMNS})
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def take(self, pos: np.ndarray) -> Rows:
+        """The rows at ``pos`` (in that order), with only the blocks they reference."""
+        pos = np.asarray(pos, np.int64)
+        cols = {name: getattr(self, name)[pos] for name in COLUMNS}
+        used, cols["blk"] = np.unique(cols["blk"], return_inverse=True)
+        if len(used) == len(self.blocks):
+            return Rows(self.blocks, **cols)
+        return Rows([self.blocks[i] for i in used.tolist()], **cols)
+
+    @staticmethod
+    def concat(parts: list[Rows]) -> Rows:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Rows.empty()
+        if len(parts) == 1:
+            return parts[0]
+        blocks: list[Block] = []
+        at: dict[int, int] = {}  # id(block) -> its position in blocks: a block shared by parts is listed once
+        blk = []
+        for p in parts:
+            remap = np.array([at.setdefault(id(b), len(at)) for b in p.blocks], np.int64)
+            if len(at) > len(blocks):
+                blocks.extend(b for b in p.blocks if at[id(b)] >= len(blocks))
+            blk.append(remap[p.blk])
+        cols = {name: np.concatenate([getattr(p, name) for p in parts]) for name in COLUMNS if name != "blk"}
+        cols["blk"] = np.concatenate(blk)
+        return Rows(blocks, **cols)
+
+    def pinned_bytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks)
+
+    def compacted(self) -> Rows:
+        """These rows in one new block when their blocks hold more than twice their bytes (plus the largest
+        block): a buffer or pool never pins much more than it holds, whatever order its samples leave in."""
+        if len(self.blocks) <= 1 or self.pinned_bytes() <= 2 * int(self.nbytes.sum()) + max(b.nbytes for b in self.blocks):
+            return self
+        cols = {name: getattr(self, name) for name in COLUMNS}
+        cols["blk"] = np.zeros(len(self), np.int64)
+        cols["item"] = np.arange(len(self), dtype=np.int64)
+        return Rows([gather(self)], **cols)
+
+    def items(self) -> list[tuple[int, int, int, int, int]]:
+        """(d, pass, id, atoms, edges) of every row (for checks and tests: a Python tuple per row)."""
+        return list(zip(self.d.tolist(), self.pass_.tolist(), self.idx.tolist(), self.atoms.tolist(),
+                        self.edges.tolist(), strict=True))
+
+
+def rows_of_block(block: Block, items: np.ndarray, d: int, pass_: int, ids: np.ndarray, edges: np.ndarray) -> Rows:
+    """Rows for samples ``items`` of ``block`` (sample ids ``ids``, directed edge bounds ``edges``)."""
+    items = np.asarray(items, np.int64)
+    n = len(items)
+    nbytes = np.zeros(n, np.int64)
+    for fam, b in ROW_BYTES.items():
+        p = block.ptr[fam]
+        c = p[items + 1] - p[items]
+        if fam == "atom":
+            atoms = c
+        nbytes += b * c
+    return Rows([block], d=np.full(n, d), pass_=np.full(n, pass_), idx=ids, atoms=atoms, edges=edges,
+                nbytes=nbytes, blk=np.zeros(n, np.int64), item=items)
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    """A 1-D view with one element per row (a [k, 2] int32 array as int64, [k, 3] float32 as 12-byte items): fancy
+    indexing moves whole rows at once."""
+    if a.ndim == 1:
+        return a
+    a = np.ascontiguousarray(a)
+    return a.view(np.int64).reshape(-1) if a.dtype.itemsize * a.shape[1] == 8 else a.view(
+        np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).reshape(-1)
+
+
+def gather(rows: Rows) -> Block:
+    """The samples of ``rows``, in row order, as one new block: per source block and row family one index, one
+    fancy-index read and (several blocks) one scatter per array."""
+    n = len(rows)
+    if n == 0:
+        return Block({"z": np.zeros(0, np.uint8), "pos": np.zeros((0, 3), np.float32),
+                      "bonds": np.zeros((0, 2), np.int32), "edges": np.zeros((0, 2), np.int32)},
+                     {fam: np.zeros(1, np.int64) for fam in ROW_BYTES})
+    if len(rows.blocks) == 1:
+        groups = [(rows.blocks[0], slice(None))]
+    else:
+        order = np.argsort(rows.blk, kind="stable")
+        sorted_blk = rows.blk[order]
+        cuts = [0, *(np.flatnonzero(np.diff(sorted_blk)) + 1).tolist(), n]
+        groups = [(rows.blocks[int(sorted_blk[lo])], order[lo:hi]) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
+    counts, starts, ptr = {}, {}, {}
+    for fam in ROW_BYTES:
+        c = np.zeros(n, np.int64)
+        s = np.zeros(n, np.int64)
+        for b, g in groups:
+            it = rows.item[g]
+            s[g] = b.ptr[fam][it]
+            c[g] = b.ptr[fam][it + 1] - s[g]
+        p = np.zeros(n + 1, np.int64)
+        np.cumsum(c, out=p[1:])
+        counts[fam], starts[fam], ptr[fam] = c, s, p
+    src = {fam: [ranges(starts[fam][g], counts[fam][g]) for _, g in groups] for fam in ROW_BYTES}
+    arrays = {}
+    for name, fam in ARRAYS.items():
+        first = groups[0][0].arrays[name]
+        if len(groups) == 1:
+            arrays[name] = _flat(first)[src[fam][0]].view(first.dtype).reshape(-1, *first.shape[1:])
+            continue
+        out = np.empty((int(ptr[fam][-1]), *first.shape[1:]), first.dtype)
+        flat_out = _flat(out)
+        for (b, g), idx in zip(groups, src[fam], strict=True):
+            flat_out[ranges(ptr[fam][:-1][g], counts[fam][g])] = _flat(b.arrays[name])[idx]
+        arrays[name] = out
+    return Block(arrays, ptr)
 
 
 class BlockRandom:
@@ -32,13 +224,21 @@ class BlockRandom:
         self._pos = 0
 
     def next(self) -> float:
-        if self._pos == self._block:
-            self._start_state = self._rng.bit_generator.state
-            self._buf = self._rng.random(self._block)
-            self._pos = 0
-        u = self._buf[self._pos]
-        self._pos += 1
-        return float(u)
+        return float(self.many(1)[0])
+
+    def many(self, k: int) -> np.ndarray:
+        """The next ``k`` floats (the same sequence as ``k`` calls of :meth:`next`)."""
+        parts = []
+        while k > 0:
+            if self._pos == self._block:
+                self._start_state = self._rng.bit_generator.state
+                self._buf = self._rng.random(self._block)
+                self._pos = 0
+            m = min(k, self._block - self._pos)
+            parts.append(self._buf[self._pos : self._pos + m])
+            self._pos += m
+            k -= m
+        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0)
 
     def state_dict(self) -> dict:
         return {"state": self._start_state, "pos": self._pos}

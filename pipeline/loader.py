@@ -447,14 +447,13 @@ class EvalDataset(IterableDataset):
                     if d not in sources:
                         sources[d] = _eval_source(ixs[d], d, cfg)
                     sel = ids[doms == d]
-                    for it in sources[d].fetch([(0, int(i)) for i in sel]):
-                        if it is None:
+                    for i, s in zip(sel.tolist(), sources[d].fetch_samples(sel.tolist()), strict=True):
+                        if s is None:
                             bad[d] += 1
                             continue
-                        s = it.sample
                         if cfg.batch_size is None and (s.num_atoms > cfg.max_atoms or (
                                 cfg.max_edges is not None and 2 * len(s.edges) > cfg.max_edges)):
-                            rng = rng_for(cfg.seed, 0xC209, domain_key(ixs[d].name), -1, it.idx)
+                            rng = rng_for(cfg.seed, 0xC209, domain_key(ixs[d].name), -1, i)
                             s, _ = crop_to_budget(s, cfg.max_atoms, cfg.max_edges, rng)
                         samples.append(s)
                         dlist.append(d)

@@ -1,65 +1,58 @@
 """Shuffle and mix: a per-domain shuffle buffer bounded in bytes (:class:`ShuffleBuffer`), then the domain of
-every next sample drawn by weight (:class:`Mixer`)."""
+every next sample drawn by weight (:class:`Mixer`). Both hand out :class:`~pipeline.items.Rows`, many at a time."""
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterator
-
 import numpy as np
 
-from pipeline.items import BlockRandom, Item
+from pipeline.items import BlockRandom, Rows
 from pipeline.read import DomainSource
 
 
 class ShuffleBuffer:
-    """Bounded (in bytes) streaming shuffle of one domain: fill to the bound, emit a random buffered sample.
+    """Bounded (in bytes) streaming shuffle of one domain: fill to the bound, emit random buffered samples.
 
-    The (pass, id) of buffered samples are mirrored in a numpy array so the state is a cheap copy.
+    :meth:`take` emits at most half of the buffered samples between fills (a random subset, in random order), so
+    the buffer stays between half and all of its bound (plus one block member); its blocks never pin much more
+    than the samples they hold (:meth:`~pipeline.items.Rows.compacted`).
     """
 
     def __init__(self, source: DomainSource, capacity_bytes: int, rng: np.random.Generator) -> None:
         self.source, self.capacity = source, max(1, int(capacity_bytes))
         self.rand = BlockRandom(rng)
-        self.items: list[Item] = []
-        self.ids = np.zeros((64, 2), np.int64)
+        self.rows = Rows.empty()
         self.nbytes = 0
 
-    def __iter__(self) -> Iterator[Item]:
-        return self
+    def _fill(self) -> None:
+        parts = [self.rows]
+        while self.nbytes < self.capacity or not self.nbytes:
+            r = self.source.next_rows()
+            parts.append(r)
+            self.nbytes += int(r.nbytes.sum())
+        self.rows = Rows.concat(parts).compacted()
 
-    def _push(self, it: Item) -> None:
-        n = len(self.items)
-        if n == len(self.ids):
-            self.ids = np.concatenate([self.ids, np.zeros_like(self.ids)])
-        self.ids[n, 0], self.ids[n, 1] = it.pass_, it.idx
-        self.items.append(it)
-        self.nbytes += it.nbytes
-
-    def __next__(self) -> Item:
-        items = self.items
-        while self.nbytes < self.capacity or not items:
-            self._push(next(self.source))
-        last = len(items) - 1
-        j = int(self.rand.next() * (last + 1))
-        it = items[j]
-        items[j] = items[last]
-        self.ids[j] = self.ids[last]
-        items.pop()
-        self.nbytes -= it.nbytes
-        return it
+    def take(self, k: int) -> Rows:
+        """The next ``k`` samples."""
+        out = []
+        while k > 0:
+            if self.nbytes < self.capacity:
+                self._fill()
+            n = len(self.rows)
+            m = min(k, max(1, n // 2))
+            order = np.argsort(self.rand.many(n), kind="stable")
+            out.append(self.rows.take(order[:m]))
+            self.rows = self.rows.take(np.sort(order[m:]))
+            self.nbytes -= int(out[-1].nbytes.sum())
+            k -= m
+        return Rows.concat(out)
 
     def state_dict(self) -> dict:
-        return {"rand": self.rand.state_dict(), "ids": self.ids[: len(self.items)].copy()}
+        return {"rand": self.rand.state_dict(), "ids": np.stack([self.rows.pass_, self.rows.idx], axis=1)}
 
     def load_state_dict(self, st: dict) -> None:
         self.rand.load_state_dict(st["rand"])
-        self.items, self.nbytes = [], 0
-        self.ids = np.zeros((64, 2), np.int64)
-        pairs = [(int(p), int(i)) for p, i in np.asarray(st["ids"], np.int64).reshape(-1, 2)]
-        for it in self.source.fetch(pairs):
-            if it is not None:
-                self._push(it)
+        self.rows = self.source.fetch_rows(st["ids"])
+        self.nbytes = int(self.rows.nbytes.sum())
 
 
 def _cumulative(probs: np.ndarray) -> np.ndarray:
@@ -73,17 +66,22 @@ def _cumulative(probs: np.ndarray) -> np.ndarray:
 class Mixer:
     """Draw the domain of every next sample with fixed probabilities, then take it from that domain's buffer."""
 
-    def __init__(self, streams: list[ShuffleBuffer], probs: np.ndarray, rng: np.random.Generator) -> None:
+    def __init__(self, streams: list[ShuffleBuffer | None], probs: np.ndarray, rng: np.random.Generator) -> None:
         self.streams = streams
-        self.cum = _cumulative(probs).tolist()  # a list: bisect per draw costs a tenth of np.searchsorted
+        self.cum = _cumulative(probs)
         self.rand = BlockRandom(rng)
 
-    def __iter__(self) -> Iterator[Item]:
-        return self
-
-    def __next__(self) -> Item:
-        d = bisect.bisect_right(self.cum, self.rand.next())  # = np.searchsorted(cum, u, side="right")
-        return next(self.streams[d])
+    def take(self, k: int) -> Rows:
+        """The next ``k`` samples, each from the domain drawn for it (in draw order)."""
+        d = np.searchsorted(self.cum, self.rand.many(k), side="right")
+        grouped = np.argsort(d, kind="stable")
+        present = np.unique(d).tolist()
+        if len(present) == 1:
+            return self.streams[present[0]].take(k)
+        rows = Rows.concat([self.streams[x].take(int((d == x).sum())) for x in present])
+        back = np.empty(k, np.int64)
+        back[grouped] = np.arange(k)
+        return rows.take(back)
 
     def state_dict(self) -> dict:
         return {"rand": self.rand.state_dict()}

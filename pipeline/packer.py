@@ -7,13 +7,12 @@ a batch (atoms, fill, per-domain composition)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.items import _C, BlockRandom, Item
+from pipeline.items import _C, Block, BlockRandom, Rows, rows_of_block
 from pipeline.mix import _cumulative
 from pipeline.packing import choose_head, crop_to_budget, filler_limit, pool_wants_more, select_batch
 from pipeline.plan import domain_key, rng_for
@@ -40,109 +39,130 @@ class Budget:
 
 
 class Packer:
-    """Keep an oldest-first pool topped up from ``upstream`` and cut one batch from it per call."""
+    """Keep an oldest-first pool (:class:`~pipeline.items.Rows`) topped up from ``upstream`` (a
+    :class:`~pipeline.mix.Mixer` or one domain's :class:`~pipeline.mix.ShuffleBuffer`) and cut one batch from it
+    per call."""
 
-    def __init__(self, upstream: Iterator[Item], budget: Budget, sources: list[DomainSource], counters: np.ndarray):
+    def __init__(self, upstream, budget: Budget, sources: list[DomainSource | None], counters: np.ndarray):
         self.upstream, self.b, self.sources, self.counters = upstream, budget, sources, counters
-        self.pool: list[Item] = []
-        self.pool_atoms = 0
-        self.filler_atoms = 0
+        self.pool = Rows.empty()
         self.filler_limit = filler_limit(budget.max_atoms)
+        # mean atoms of a sample, to size draws: at first the largest domain mean, then what was admitted
+        self._mean0 = max([float(x.index.num_atoms.mean()) for x in sources if x is not None] or [1.0])
+        self._seen = [0, 0]  # atoms, samples admitted
 
-    def _admit(self, it: Item) -> Item | None:
-        """Apply the oversize policy; returns the item to pool (maybe cropped) or None (skipped)."""
+    def _admit(self, rows: Rows) -> tuple[Rows, int]:
+        """Apply the oversize policy; returns the rows to pool (some maybe cropped) and how many were skipped."""
         b = self.b
-        too_many_atoms = b.max_atoms is not None and it.atoms > b.max_atoms
-        too_many_edges = b.max_edges is not None and it.edges > b.max_edges
-        if b.batch_size is not None or not (too_many_atoms or too_many_edges):
-            return it
-        src = self.sources[it.d]
-        key, name = src.index.keys[it.idx], src.index.name
-        what = f"sample {key} ({name}) has {it.atoms} atoms / {it.edges} edges, over max_atoms={b.max_atoms} / max_edges={b.max_edges}"
-        if b.oversize_policy == "raise":
-            raise OversizeError(f"{what}; set data.oversize_policy to 'skip' or 'crop', or raise the budget")
-        if b.oversize_policy == "skip":
-            self.counters[it.d, _C["oversize_skipped"]] += 1
-            log.info("skipping oversize %s", what)
-            return None
-        return self._crop(it)
+        if b.batch_size is not None or (b.max_atoms is None and b.max_edges is None):
+            return rows, 0
+        over = np.zeros(len(rows), bool)
+        if b.max_atoms is not None:
+            over |= rows.atoms > b.max_atoms
+        if b.max_edges is not None:
+            over |= rows.edges > b.max_edges
+        if not over.any():
+            return rows, 0
+        keep = np.flatnonzero(~over)
+        cropped, at = [], []
+        for k in np.flatnonzero(over).tolist():
+            d, idx = int(rows.d[k]), int(rows.idx[k])
+            src = self.sources[d]
+            what = (f"sample {src.index.keys[idx]} ({src.index.name}) has {int(rows.atoms[k])} atoms / "
+                    f"{int(rows.edges[k])} edges, over max_atoms={b.max_atoms} / max_edges={b.max_edges}")
+            if b.oversize_policy == "raise":
+                raise OversizeError(f"{what}; set data.oversize_policy to 'skip' or 'crop', or raise the budget")
+            if b.oversize_policy == "skip":
+                self.counters[d, _C["oversize_skipped"]] += 1
+                log.info("skipping oversize %s", what)
+                continue
+            cropped.append(self._crop(rows.take(np.array([k]))))
+            self.counters[d, _C["oversize_cropped"]] += 1
+            at.append(k)
+        if not cropped:
+            return rows.take(keep), len(rows) - len(keep)
+        both = Rows.concat([rows.take(keep), *cropped])
+        pos = np.concatenate([keep, np.asarray(at, np.int64)])
+        return both.take(np.argsort(pos, kind="stable")), len(rows) - len(pos)
 
-    def _crop(self, it: Item) -> Item:
+    def _crop(self, row: Rows) -> Rows:
+        """One row, cropped to the budget (:func:`~pipeline.packing.crop_to_budget`) into a block of its own."""
         b = self.b
-        rng = rng_for(b.seed, 0xC209, domain_key(self.sources[it.d].index.name), it.pass_, it.idx)
-        s, edges = crop_to_budget(it.sample, b.max_atoms, b.max_edges, rng)
-        self.counters[it.d, _C["oversize_cropped"]] += 1
-        return Item(it.d, it.pass_, it.idx, s, it.nbytes, edges)
+        d, p, idx = int(row.d[0]), int(row.pass_[0]), int(row.idx[0])
+        ix = self.sources[d].index
+        rng = rng_for(b.seed, 0xC209, domain_key(ix.name), p, idx)
+        s = row.blocks[0].sample(int(row.item[0]), str(ix.keys[idx]), ix.name, ix.radius_A, ix.max_neighbors)
+        s, edges = crop_to_budget(s, b.max_atoms, b.max_edges, rng)
+        return rows_of_block(Block.from_samples([s]), np.zeros(1, np.int64), d, p, np.array([idx]), np.array([edges]))
+
+    def _filler_atoms(self) -> int:
+        a = self.pool.atoms
+        return int(a[a <= self.filler_limit].sum())
 
     def _top_up(self) -> None:
-        b, pool = self.b, self.pool
-        if b.batch_size is not None:
-            while len(pool) < b.batch_size:
-                self._add(next(self.upstream))
-            return
-        skipped, limit = 0, sum(len(s.index) for s in self.sources if s is not None)
-        while not pool or pool_wants_more(self.pool_atoms, self.filler_atoms, len(pool), b.pool_atoms,
-                                          b.pool_max_samples):
-            it = self._admit(next(self.upstream))
-            if it is not None:
-                self._add(it)
-                skipped = 0
-            elif (skipped := skipped + 1) > limit:  # a whole pass skipped (resolve() refuses such configs first)
-                raise OversizeError(f"nothing fits the budget max_atoms={b.max_atoms} / max_edges={b.max_edges}: "
-                                    f"{skipped} samples in a row were skipped as oversize; raise the budget")
-
-    def _add(self, it: Item) -> None:
-        self.pool.append(it)
-        self.pool_atoms += it.atoms
-        if it.atoms <= self.filler_limit:
-            self.filler_atoms += it.atoms
-
-    def __iter__(self) -> Iterator[list[Item]]:
-        return self
-
-    def __next__(self) -> list[Item]:
-        self._top_up()
         b = self.b
         if b.batch_size is not None:
-            chosen = self.pool[: b.batch_size]
-            self.pool = self.pool[b.batch_size :]
+            if len(self.pool) < b.batch_size:
+                self.pool = Rows.concat([self.pool, self.upstream.take(b.batch_size - len(self.pool))]).compacted()
+            return
+        skipped, limit = 0, sum(len(s.index) for s in self.sources if s is not None)
+        parts, n, total, filler = [self.pool], len(self.pool), int(self.pool.atoms.sum()), self._filler_atoms()
+        while not n or pool_wants_more(total, filler, n, b.pool_atoms, b.pool_max_samples):
+            mean = self._seen[0] / self._seen[1] if self._seen[1] >= 64 else self._mean0
+            # half the samples that would fill the pool's deficit: a few draws converge on it, barely overshooting
+            k = int(min(max((b.pool_atoms - filler) / mean / 2, 1), max(b.pool_max_samples - n, 1)))
+            rows, n_skipped = self._admit(self.upstream.take(k))
+            if len(rows):
+                parts.append(rows)
+                a = rows.atoms
+                n, total, filler = n + len(rows), total + int(a.sum()), filler + int(a[a <= self.filler_limit].sum())
+                self._seen[0] += int(a.sum())
+                self._seen[1] += len(a)
+                skipped = 0
+            if n_skipped and (skipped := skipped + n_skipped) > limit:  # a whole pass skipped (resolve() refuses such configs first)
+                raise OversizeError(f"nothing fits the budget max_atoms={b.max_atoms} / max_edges={b.max_edges}: "
+                                    f"{skipped} samples in a row were skipped as oversize; raise the budget")
+        self.pool = Rows.concat(parts).compacted()
+
+    def __next__(self) -> Rows:
+        self._top_up()
+        b, pool = self.b, self.pool
+        if b.batch_size is not None:
+            pos = np.arange(b.batch_size)
         else:
-            atoms = np.fromiter((it.atoms for it in self.pool), np.int64, len(self.pool))
-            edges = None
-            if b.max_edges is not None:
-                edges = np.fromiter((it.edges for it in self.pool), np.int64, len(self.pool))
-            head = choose_head(atoms, self.pool_atoms, self.filler_atoms, b.pool_atoms, b.max_atoms)
-            pos = np.sort(select_batch(atoms, b.max_atoms, edges, b.max_edges, b.max_graphs, head, b.fifo_fraction))
-            chosen = [self.pool[i] for i in pos.tolist()]
-            keep = np.ones(len(self.pool), bool)
-            keep[pos] = False
-            self.pool = [self.pool[i] for i in np.flatnonzero(keep).tolist()]
-        for it in chosen:
-            self.pool_atoms -= it.atoms
-            if it.atoms <= self.filler_limit:
-                self.filler_atoms -= it.atoms
-        return chosen
+            edges = pool.edges if b.max_edges is not None else None
+            head = choose_head(pool.atoms, int(pool.atoms.sum()), self._filler_atoms(), b.pool_atoms, b.max_atoms)
+            pos = np.sort(select_batch(pool.atoms, b.max_atoms, edges, b.max_edges, b.max_graphs, head,
+                                       b.fifo_fraction))
+        keep = np.ones(len(pool), bool)
+        keep[pos] = False
+        self.pool = pool.take(np.flatnonzero(keep))
+        return pool.take(pos)
+
+    def __iter__(self):
+        return self
 
     def state_dict(self) -> dict:
-        return {"pool": [(it.d, it.pass_, it.idx) for it in self.pool]}
+        return {"pool": np.stack([self.pool.d, self.pool.pass_, self.pool.idx], axis=1), "seen": list(self._seen)}
 
     def load_state_dict(self, st: dict) -> None:
-        self.pool = []
-        by_d: dict[int, list[tuple[int, int, int]]] = {}
-        for k, (d, p, i) in enumerate(st["pool"]):
-            by_d.setdefault(d, []).append((k, p, i))
-        slots: list[Item | None] = [None] * len(st["pool"])
-        for d, rows in by_d.items():
-            for (k, _, _), it in zip(rows, self.sources[d].fetch([(p, i) for _, p, i in rows]), strict=True):
-                if it is not None and (self.b.batch_size is None and self.b.max_atoms is not None):
-                    if it.atoms > self.b.max_atoms or (self.b.max_edges is not None and it.edges > self.b.max_edges):
-                        it = self._crop(it)
-                        self.counters[d, _C["oversize_cropped"]] -= 1  # counted when first admitted
-                slots[k] = it
-        self.pool, self.pool_atoms, self.filler_atoms = [], 0, 0
-        for it in slots:
-            if it is not None:
-                self._add(it)
+        self._seen = [int(x) for x in st["seen"]]
+        want = np.asarray(st["pool"], np.int64).reshape(-1, 3)
+        at = {(d, p, i): k for k, (d, p, i) in enumerate(want.tolist())}
+        parts = []
+        for d in np.unique(want[:, 0]).tolist():
+            rows = self.sources[d].fetch_rows(want[want[:, 0] == d][:, 1:])
+            if self.b.batch_size is None and self.b.max_atoms is not None:
+                over = (rows.atoms > self.b.max_atoms) | (
+                    (rows.edges > self.b.max_edges) if self.b.max_edges is not None else False)
+                if over.any():  # cropped when first admitted (and counted then)
+                    ok = np.flatnonzero(~over)
+                    bad = np.flatnonzero(over)
+                    rows = Rows.concat([rows.take(ok), *[self._crop(rows.take(np.array([k]))) for k in bad.tolist()]])
+            parts.append(rows)
+        rows = Rows.concat(parts)
+        order = [at[(d, p, i)] for d, p, i in zip(rows.d.tolist(), rows.pass_.tolist(), rows.idx.tolist(), strict=True)]
+        self.pool = rows.take(np.argsort(np.asarray(order, np.int64), kind="stable"))
 
 
 class HomogeneousPacker:
@@ -153,10 +173,10 @@ class HomogeneousPacker:
         self.cum = _cumulative(batch_probs)
         self.rand = BlockRandom(rng)
 
-    def __iter__(self) -> Iterator[list[Item]]:
+    def __iter__(self):
         return self
 
-    def __next__(self) -> list[Item]:
+    def __next__(self) -> Rows:
         d = int(np.searchsorted(self.cum, self.rand.next(), side="right"))
         return next(self.packers[d])
 
@@ -169,11 +189,9 @@ class HomogeneousPacker:
             p.load_state_dict(s)
 
 
-def batch_stats(items: list[Item], n_domains: int, max_atoms: int | None, n_edges: int) -> dict:
+def batch_stats(rows: Rows, n_domains: int, max_atoms: int | None, n_edges: int) -> dict:
     """Per-batch statistics attached to every batch as ``batch.stats``."""
-    d = np.fromiter((it.d for it in items), np.int64, len(items))
-    a = np.fromiter((it.atoms for it in items), np.int64, len(items))
-    return stats_of(d, a, n_domains, max_atoms, n_edges)
+    return stats_of(rows.d, rows.atoms, n_domains, max_atoms, n_edges)
 
 
 def stats_of(d: np.ndarray, a: np.ndarray, n_domains: int, max_atoms: int | None, n_edges: int) -> dict:

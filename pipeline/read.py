@@ -1,5 +1,6 @@
 """Plan + read + decode of one domain: :class:`ShardFetcher` (runs of block members through :mod:`pipeline.storage`),
-:func:`decode_run` (crc32 + one validation per block), :class:`DomainSource` (this slot's piece of pass 0, 1, 2, ...)."""
+:func:`decode_members` (crc32 + one validation per block), :class:`DomainSource` (this slot's piece of pass 0, 1, 2,
+...) as :class:`~pipeline.items.Rows` of decoded blocks."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import DataConfig
 from pipeline.index import DomainIndex
-from pipeline.items import _C, Item
+from pipeline.items import _C, Block, Rows, rows_of_block
 from pipeline.plan import pass_order, read_blocks, slot_piece
-from pipeline.schema import Sample, SchemaError, decode_block_arrays, sample_nbytes
+from pipeline.schema import Sample, SchemaError, decode_block_arrays, sample_arrays
 
 log = logging.getLogger(__name__)
 
@@ -144,20 +145,21 @@ def _reject(err: SchemaError, index: DomainIndex, ids: np.ndarray, bad_policy: s
     log.warning("skipping bad samples: %s", msg)
 
 
-def decode_run(members: list[tuple[np.ndarray, bytes | None]], index: DomainIndex, bad_policy: str,
-               verify: bool = True) -> list[Sample | None]:
-    """Samples of the block members of one read (:meth:`ShardFetcher.read_run`), in id order. Each block is checked
-    once: its crc32 against the index (when ``verify``), its arrays against the schema
+def decode_members(members: list[tuple[np.ndarray, bytes | None]], index: DomainIndex, bad_policy: str,
+                   verify: bool = True) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray] | None, np.ndarray, np.ndarray]]:
+    """Per block member of one read (:meth:`ShardFetcher.read_run`): ``(ids, arrays, items, ok)``: the run's sample
+    ids in it, the block's decoded arrays (None when the whole block is bad or unreadable), the ids' positions in the
+    block and which of them are good.
+
+    Each block is checked once: its crc32 against the index (when ``verify``), its arrays against the schema
     (:func:`pipeline.schema.decode_block_arrays`: a fixed number of numpy reductions per block; a block that fails
-    is examined sample by sample, and only its bad samples are rejected), and each sample's position and atom
-    count against its index row. Key, domain and graph options come from the index and the
-    manifest (whose format version was checked). Samples own copies of their arrays (a sample held in a buffer
-    does not pin its block). A bad block or sample raises (policy 'raise') or comes back as None (policy 'skip',
-    counted by the caller), as do members without bytes (an unreadable shard, reported)."""
-    out: list[Sample | None] = []
+    is examined sample by sample, and only its bad samples are rejected), and each sample's position and atom count
+    against its index row. A bad block or sample raises (policy 'raise') or is marked not ok (policy 'skip', counted
+    by the caller), as are members without bytes (an unreadable shard, reported by the fetcher)."""
     for ids, data in members:
+        none = np.zeros(len(ids), bool)
         if data is None:
-            out.extend([None] * len(ids))
+            yield ids, None, np.zeros(len(ids), np.int64), none
             continue
         try:
             if verify and zlib.crc32(data) != int(index.crc32[ids[0]]):
@@ -170,36 +172,47 @@ def decode_run(members: list[tuple[np.ndarray, bytes | None]], index: DomainInde
                                   "the index does not match the shard")
         except SchemaError as e:
             _reject(e, index, ids, bad_policy)
+            yield ids, None, np.zeros(len(ids), np.int64), none
+            continue
+        ap = a["atom_ptr"]
+        got = (ap[items + 1] - ap[items]).astype(np.int64)
+        bad = got != index.num_atoms[ids]
+        if faults:
+            bad |= np.isin(items, np.fromiter(faults, np.int64, len(faults)))
+        for k in np.flatnonzero(bad).tolist():
+            fault = faults.get(int(items[k])) if faults else None
+            if fault is None:
+                fault = (f"sample has {int(got[k])} atoms but the index says {int(index.num_atoms[ids[k]])}; "
+                         "the index does not match the shard")
+            _reject(SchemaError(fault), index, ids[k : k + 1], bad_policy)
+        yield ids, a, items, ~bad
+
+
+def decode_run(members: list[tuple[np.ndarray, bytes | None]], index: DomainIndex, bad_policy: str,
+               verify: bool = True) -> list[Sample | None]:
+    """Whole samples of the block members of one read, in id order (None: bad or unreadable; see
+    :func:`decode_members`). Key, domain and graph options come from the index and the manifest (whose format
+    version was checked). Samples own copies of their arrays. For evaluation, fine-tuning and tools; the training
+    stream keeps blocks (:meth:`DomainSource.next_rows`)."""
+    out: list[Sample | None] = []
+    for ids, a, items, ok in decode_members(members, index, bad_policy, verify):
+        if a is None:
             out.extend([None] * len(ids))
             continue
-        ap, bp, ep = a["atom_ptr"], a["bond_ptr"], a["edge_ptr"]
-        want = index.num_atoms[ids]
-        got = (ap[items + 1] - ap[items]).astype(np.int64)
-        z, pos, bonds, bo, edges = a["z"], a["pos"], a["bonds"], a["bond_order"], a["edges"]
-        res, chain, names = a.get("res_index"), a.get("chain"), a.get("atom_name")
         keys = index.keys.take(ids)
-        rows = zip(ap[items].tolist(), ap[items + 1].tolist(), bp[items].tolist(), bp[items + 1].tolist(),
-                   ep[items].tolist(), ep[items + 1].tolist(), strict=True)
-        for k, (a0, a1, b0, b1, e0, e1) in enumerate(rows):
-            fault = faults.get(int(items[k])) if faults else None
-            if fault is None and got[k] != want[k]:
-                fault = f"sample has {int(got[k])} atoms but the index says {int(want[k])}; the index does not match the shard"
-            if fault is not None:
-                _reject(SchemaError(fault), index, ids[k : k + 1], bad_policy)
+        for k, good in enumerate(ok.tolist()):
+            if not good:
                 out.append(None)
                 continue
-            out.append(Sample(
-                key=keys[k], domain=index.name, z=z[a0:a1].copy(), pos=pos[a0:a1].copy(), bonds=bonds[b0:b1].copy(),
-                bond_order=bo[b0:b1].copy(), edges=edges[e0:e1].copy(), radius_A=index.radius_A,
-                max_neighbors=index.max_neighbors, res_index=None if res is None else res[a0:a1].copy(),
-                chain=None if chain is None else chain[a0:a1].copy(),
-                atom_name=None if names is None else names[a0:a1].copy(),
-            ))
+            arr = sample_arrays(a, int(items[k]))
+            out.append(Sample(key=keys[k], domain=index.name, radius_A=index.radius_A,
+                              max_neighbors=index.max_neighbors, **arr))
     return out
 
 
 class DomainSource:
-    """Plan + read + decode for one domain: yields Items of this slot's piece of pass 0, 1, 2, ..."""
+    """Plan + read + decode for one domain: :meth:`next_rows` gives this slot's piece of pass 0, 1, 2, ... as
+    :class:`~pipeline.items.Rows`, one block member at a time."""
 
     def __init__(self, index: DomainIndex, d: int, slot: int, n_slots: int, cfg: DataConfig, counters: np.ndarray):
         if len(index) == 0:
@@ -207,6 +220,7 @@ class DomainSource:
         self.index, self.d, self.slot, self.n_slots, self.cfg, self.counters = index, d, slot, n_slots, cfg, counters
         self.fetcher = ShardFetcher(index, cfg.bad_sample_policy)
         self._blocks = read_blocks(index.shard, index.offset, cfg.read_block_bytes)
+        self._edges = 2 * index.num_edges.astype(np.int64)  # directed radius edges of every sample
         self.pass_ = 0
         self._set_pass(0, 0)
 
@@ -222,7 +236,14 @@ class DomainSource:
         else:
             self._group_starts = np.zeros(1, np.int64)
         self._next_read = cursor  # next piece position to read
-        self._ready: deque[tuple[int, Item]] = deque()
+        # per block member read and not yet handed out: (piece position of its first id, bad samples, rows)
+        self._ready: deque[tuple[int, int, Rows | None]] = deque()
+
+    def _rows(self, ids: np.ndarray, a: dict[str, np.ndarray] | None, items: np.ndarray, ok: np.ndarray,
+              pass_: int) -> Rows | None:
+        if a is None or not ok.any():
+            return None
+        return rows_of_block(Block.from_arrays(a), items[ok], self.d, pass_, ids[ok], self._edges[ids[ok]])
 
     def _fill(self) -> None:
         for _ in range(self.n_slots + 1):  # a small domain may leave this slot's piece empty for a few passes
@@ -233,26 +254,26 @@ class DomainSource:
             raise RuntimeError(f"domain {self.index.name!r}: no samples reach slot {self.slot}; this is a bug")
         g = int(np.searchsorted(self._group_starts, self._next_read, side="right"))
         lo, hi = self._next_read, int(self._group_starts[g])
-        ids = self._piece[lo:hi]
-        samples = decode_run(self.fetcher.read_run(ids), self.index, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
-        for k, (i, s, e) in enumerate(zip(ids.tolist(), samples, self.index.num_edges[ids].tolist(), strict=True)):
-            self._ready.append((lo + k, Item(self.d, self.pass_, i, s, 0 if s is None else sample_nbytes(s), 2 * e)))
+        at = lo
+        for ids, a, items, ok in decode_members(self.fetcher.read_run(self._piece[lo:hi]), self.index,
+                                                self.cfg.bad_sample_policy, self.cfg.verify_crc32):
+            self._ready.append((at, len(ids) - int(ok.sum()), self._rows(ids, a, items, ok, self.pass_)))
+            at += len(ids)
         self._next_read = hi
 
-    def __iter__(self) -> Iterator[Item]:
-        return self
-
-    def __next__(self) -> Item:
+    def next_rows(self) -> Rows:
+        """The good samples of the next block member of this slot's piece (never empty); bad or unreadable ones
+        are counted (in pass 0: each pass partitions the samples over all slots, so every bad sample counts once)."""
         bad_in_a_row = 0
         while True:
             if not self._ready:
                 self._fill()
-            _, it = self._ready.popleft()
-            if it.sample is not None:
-                return it
-            if it.pass_ == 0:  # each pass partitions the samples over all slots: count every bad sample once
-                self.counters[self.d, _C["bad"]] += 1
-            bad_in_a_row += 1
+            _, n_bad, rows = self._ready.popleft()
+            if n_bad and self.pass_ == 0:
+                self.counters[self.d, _C["bad"]] += n_bad
+            if rows is not None:
+                return rows
+            bad_in_a_row += n_bad
             if bad_in_a_row > len(self.index):  # more than a whole pass of this slot: would never return
                 raise storage.StorageError(
                     f"domain {self.index.name!r}: {bad_in_a_row} samples in a row are bad or unreadable, a whole pass; "
@@ -266,20 +287,30 @@ class DomainSource:
     def load_state_dict(self, st: dict) -> None:
         self._set_pass(int(st["pass"]), int(st["cursor"]))
 
-    def fetch(self, pass_ids: list[tuple[int, int]]) -> list[Item | None]:
-        """Re-read samples by (pass, id), in the given order (restoring buffers); None for bad ones."""
-        if not pass_ids:
-            return []
-        ids = np.array([i for _, i in pass_ids], np.int64)
-        order = np.argsort(ids, kind="stable")
-        got: dict[int, Item | None] = {}
-        for run in self.fetcher.runs(np.unique(ids[order])):
-            samples = decode_run(self.fetcher.read_run(run), self.index, self.cfg.bad_sample_policy, self.cfg.verify_crc32)
-            for i, s in zip(run.tolist(), samples, strict=True):
-                got[i] = None if s is None else Item(self.d, 0, i, s, sample_nbytes(s),
-                                                     2 * int(self.index.num_edges[i]))
-        out = []
-        for p, i in pass_ids:
-            it = got[i]
-            out.append(None if it is None else Item(self.d, p, i, it.sample, it.nbytes, it.edges))
+    def fetch_rows(self, pass_ids: np.ndarray) -> Rows:
+        """Re-read samples by (pass, id) rows [k, 2], in the given order (restoring buffers and pools); bad ones
+        are left out."""
+        pass_ids = np.asarray(pass_ids, np.int64).reshape(-1, 2)
+        if len(pass_ids) == 0:
+            return Rows.empty()
+        parts = []
+        for run in self.fetcher.runs(np.unique(pass_ids[:, 1])):
+            for ids, a, items, ok in decode_members(self.fetcher.read_run(run), self.index,
+                                                    self.cfg.bad_sample_policy, self.cfg.verify_crc32):
+                r = self._rows(ids, a, items, ok, 0)
+                if r is not None:
+                    parts.append(r)
+        found = Rows.concat(parts)
+        where = {i: k for k, i in enumerate(found.idx.tolist())}
+        pick = [(where[i], p) for p, i in pass_ids.tolist() if i in where]
+        out = found.take(np.array([k for k, _ in pick], np.int64))
+        out.pass_ = np.array([p for _, p in pick], np.int64)
         return out
+
+    def fetch_samples(self, ids: list[int]) -> list[Sample | None]:
+        """Whole samples by id, in the given order (evaluation, fine-tuning); None for bad ones."""
+        got: dict[int, Sample | None] = {}
+        for run in self.fetcher.runs(np.unique(np.asarray(ids, np.int64))):
+            got.update(zip(run.tolist(), decode_run(self.fetcher.read_run(run), self.index, self.cfg.bad_sample_policy,
+                                                    self.cfg.verify_crc32), strict=True))
+        return [got[int(i)] for i in ids]

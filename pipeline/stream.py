@@ -16,16 +16,15 @@ All randomness derives from integers: (seed, domain, pass, slot, batch number).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import fields
 
 import numpy as np
 import torch
 
-from pipeline.collate import CollateOptions, collate_compact, expand
+from pipeline.collate import CollateOptions, collate_block, expand
 from pipeline.config import DataConfig
 from pipeline.index import DomainIndex
-from pipeline.items import _C, COUNTERS, Item
+from pipeline.items import _C, COUNTERS, Rows, gather
 from pipeline.mix import Mixer, ShuffleBuffer
 from pipeline.packer import HomogeneousPacker, Packer, batch_stats, budget_of
 from pipeline.plan import domain_key, rng_for
@@ -33,11 +32,14 @@ from pipeline.read import DomainSource
 
 
 class Collator:
-    """Transforms + collation; the batch's generator is seeded by (seed, slot, batch number)."""
+    """Gather + transforms + collation; the batch's generator is seeded by (seed, slot, batch number)."""
 
-    def __init__(self, upstream: Iterator[list[Item]], opt: CollateOptions, seed: int, slot: int, n_domains: int,
+    def __init__(self, upstream, opt: CollateOptions, seed: int, slot: int, indexes: list[DomainIndex],
                  max_atoms: int | None, counters: np.ndarray) -> None:
-        self.upstream, self.opt, self.seed, self.slot, self.n_domains = upstream, opt, seed, slot, n_domains
+        self.upstream, self.opt, self.seed, self.slot, self.indexes = upstream, opt, seed, slot, indexes
+        self.n_domains = len(indexes)
+        self.radii = np.array([ix.radius_A for ix in indexes], np.float64)
+        self.caps = np.array([ix.max_neighbors for ix in indexes], np.int64)
         self.max_atoms, self.counters = max_atoms, counters
         self.n = 0
 
@@ -47,20 +49,33 @@ class Collator:
     def __next__(self):
         return finish(self.next_compact())
 
+    def keys(self, rows: Rows) -> list[str]:
+        present = np.unique(rows.d).tolist()
+        if len(present) == 1:
+            return self.indexes[present[0]].keys.take(rows.idx)
+        out = np.empty(len(rows), object)
+        for d in present:
+            sel = rows.d == d
+            out[sel] = self.indexes[d].keys.take(rows.idx[sel])
+        return out.tolist()
+
     def next_compact(self) -> dict:
-        """The next batch in :func:`pipeline.collate.collate_compact` form, with ``stats`` and ``pass_index``."""
-        items = next(self.upstream)
+        """The next batch in :func:`pipeline.collate.collate_block` form, with ``stats`` and ``pass_index``."""
+        rows = next(self.upstream)
         rng = rng_for(self.seed, 0xC011, self.slot, self.n)
-        c = collate_compact([it.sample for it in items], [it.d for it in items], self.opt, rng)
-        stats = batch_stats(items, self.n_domains, self.max_atoms, 2 * int(c["pairs"].shape[0]))
+        c = collate_block(gather(rows), self.radii[rows.d], self.caps[rows.d], self.keys(rows), rows.d, self.opt, rng)
+        stats = batch_stats(rows, self.n_domains, self.max_atoms, 2 * int(c["pairs"].shape[0]))
         c["stats"] = stats
-        c["pass_index"] = torch.tensor([it.pass_ for it in items], dtype=torch.long)
+        c["pass_index"] = torch.from_numpy(rows.pass_.copy())
+        self.count(stats)
+        self.n += 1
+        return c
+
+    def count(self, stats: dict) -> None:
         cnt = self.counters
         cnt[:, _C["samples"]] += stats["domain_graphs"]
         cnt[:, _C["atoms"]] += stats["domain_atoms"]
         cnt[:, _C["batches"]] += np.asarray(stats["domain_graphs"]) > 0
-        self.n += 1
-        return c
 
     def state_dict(self) -> dict:
         return {"n": self.n}
@@ -84,7 +99,7 @@ def collate_options(cfg: DataConfig) -> CollateOptions:
 
 class TrainStream:
     """The composed stages of one slot: iterate for PyG batches; ``next_compact`` for the worker form,
-    ``next_items`` for the packed samples without collation."""
+    ``next_rows`` for the packed samples without collation."""
 
     def __init__(self, sources, buffers, mixer, packer, collator, counters):
         self.sources, self.buffers, self.mixer, self.packer = sources, buffers, mixer, packer
@@ -101,15 +116,12 @@ class TrainStream:
     def next_compact(self) -> dict:
         return self.collator.next_compact()
 
-    def next_items(self) -> list[Item]:
+    def next_rows(self) -> Rows:
         """The next batch before collation (cheap; for planning checks and benchmarks of packing)."""
-        items = next(self.packer)
+        rows = next(self.packer)
         self.collator.n += 1
-        stats = batch_stats(items, self.counters.shape[0], self.collator.max_atoms, 0)
-        self.counters[:, _C["samples"]] += stats["domain_graphs"]
-        self.counters[:, _C["atoms"]] += stats["domain_atoms"]
-        self.counters[:, _C["batches"]] += np.asarray(stats["domain_graphs"]) > 0
-        return items
+        self.collator.count(batch_stats(rows, self.counters.shape[0], self.collator.max_atoms, 0))
+        return rows
 
     def state_dict(self) -> dict:
         return {
@@ -163,7 +175,7 @@ def train_stream(
         sources[d] = DomainSource(indexes[d], d, slot, n_slots, cfg, counters)
         rng = rng_for(cfg.seed, 0x5B0F, domain_key(indexes[d].name), slot)
         # never more than about one pass of this slot: a buffer must not hold a sample twice (a lower bound of
-        # the pass's decoded bytes, which Item.nbytes counts: 13 bytes an atom, 8 a stored pair, bonds left out)
+        # the pass's bytes, which Rows.nbytes counts: 13 bytes an atom, 8 a stored pair, bonds left out)
         per_slot = int((13 * indexes[d].num_atoms + 8 * indexes[d].num_edges).sum()) // n_slots
         buffers[d] = ShuffleBuffer(sources[d], min(cfg.shuffle_buffer_bytes, per_slot), rng)
     budget = budget_of(cfg)
@@ -172,7 +184,7 @@ def train_stream(
         packer = Packer(mixer, budget, sources, counters)
     else:
         mixer = None
-        packers = [Packer(b if b is not None else iter(()), budget, sources, counters) for b in buffers]
+        packers = [Packer(b, budget, sources, counters) for b in buffers]
         packer = HomogeneousPacker(packers, batch_probs, rng_for(cfg.seed, 0x314, slot))
-    collator = Collator(packer, collate_options(cfg), cfg.seed, slot, n_dom, budget.max_atoms, counters)
+    collator = Collator(packer, collate_options(cfg), cfg.seed, slot, indexes, budget.max_atoms, counters)
     return TrainStream(sources, buffers, mixer, packer, collator, counters)

@@ -79,11 +79,11 @@ def fetch_samples(root: str, joined: Joined, max_atoms: int) -> list[Sample]:
                                  f"(e.g. {big[0]}); raise data.max_atoms (fine-tuning never crops a labelled molecule)")
             src = DomainSource(ix, d, 0, 1, reader_cfg, np.zeros((len(names), len(COUNTERS)), np.int64))
             try:
-                items = src.fetch([(0, pos[joined.keys[r]]) for r in rows])
+                samples = src.fetch_samples([pos[joined.keys[r]] for r in rows])
             finally:
                 src.fetcher.close()
-            for r, it in zip(rows.tolist(), items, strict=True):
-                out[r] = it.sample
+            for r, s in zip(rows.tolist(), samples, strict=True):
+                out[r] = s
     return out  # type: ignore[return-value]
 
 

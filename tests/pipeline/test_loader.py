@@ -57,8 +57,9 @@ def test_each_pass_visits_every_sample_once_across_slots(small_shards):
     for slot in range(4):
         st = train_stream(cfg, res.train, res.sample_probs, res.batch_probs, slot, 4)
         while min(p for p in st.passes() if p is not None) < 20:
-            for it in st.next_items():
-                seen.setdefault((it.pass_, it.idx), []).append(slot)
+            rows = st.next_rows()
+            for p, i in zip(rows.pass_.tolist(), rows.idx.tolist(), strict=True):
+                seen.setdefault((p, i), []).append(slot)
     for p in (0, 1):
         got = sorted(i for (q, i) in seen if q == p)
         assert got == list(range(len(ix))), f"pass {p} incomplete or duplicated"
@@ -72,12 +73,10 @@ def realised_shares(cfg, n_batches):
     graphs = np.zeros(len(res.names))
     fills = []
     for _ in range(n_batches):
-        items = st.next_items()
-        total = 0
-        for it in items:
-            atoms[it.d] += it.atoms
-            graphs[it.d] += 1
-            total += it.atoms
+        rows = st.next_rows()
+        np.add.at(atoms, rows.d, rows.atoms)
+        np.add.at(graphs, rows.d, 1)
+        total = int(rows.atoms.sum())
         fills.append(total / cfg.max_atoms)
         assert total <= cfg.max_atoms
     return res.names, atoms / atoms.sum(), graphs / graphs.sum(), np.array(fills)
@@ -234,7 +233,7 @@ def test_read_run_refuses_ids_that_are_not_one_shards_consecutive_members(small_
 
 
 def test_sample_nbytes_equals_the_decoded_arrays_bytes(small_shards):
-    """The shuffle buffer's byte count per sample is what its arrays hold (every domain: optional arrays too)."""
+    """The writer's block sizing per sample is what its arrays hold (every domain: optional arrays too)."""
     from pipeline.read import ShardFetcher, decode_run
     from pipeline.schema import sample_nbytes
 

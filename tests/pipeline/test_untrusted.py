@@ -454,7 +454,7 @@ def test_packer_never_loops_when_nothing_fits(small_shards):
     cfg = config(small_shards, weights={DOMAIN: 1.0}, oversize_policy="skip", max_edges=1)
     st = train_stream(cfg, res.train, res.sample_probs, res.batch_probs, 0, 1)
     with pytest.raises(OversizeError, match="nothing fits the budget"):
-        st.next_items()
+        st.next_rows()
 
 
 def test_max_edges_with_crop_applies_to_eval(small_shards):
