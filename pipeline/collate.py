@@ -59,7 +59,7 @@ from scipy.spatial import cKDTree
 from torch_geometric.data import Batch
 
 from pipeline.config import LR_STRATA_A
-from pipeline.items import Block, Rows, gather
+from pipeline.items import Block, Rows, gather, ranges
 from pipeline.schema import Sample
 
 MASK_TOKEN = 119
@@ -191,12 +191,6 @@ def _is_in(codes: np.ndarray, sorted_codes: np.ndarray) -> np.ndarray:
     return sorted_codes[idx] == codes
 
 
-def _order_within(group: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """Indices sorted by ``group``, then by ``key`` (two stable argsorts: much faster than ``np.lexsort``)."""
-    by_key = np.argsort(key, kind="stable")
-    return by_key[np.argsort(group[by_key], kind="stable")]
-
-
 def mask_atoms(counts: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Bool [N]: ``round(fraction * n)`` random atoms of each molecule of ``n >= 2`` atoms, at least one, at most n-1."""
     n = int(counts.sum())
@@ -206,32 +200,60 @@ def mask_atoms(counts: np.ndarray, fraction: float, rng: np.random.Generator) ->
     gid = np.repeat(np.arange(len(counts)), counts)
     start = np.repeat(np.cumsum(counts) - counts, counts)
     k = np.where(counts >= 2, np.clip(np.round(fraction * counts), 1, counts - 1), 0).astype(np.int64)
-    order = _order_within(gid, rng.random(n))  # atoms of each molecule in random order, molecules in order
+    # atoms of each molecule in random order, molecules in order: one sort of (molecule + uniform in [0, 1))
+    order = np.argsort(gid + rng.random(n))
     mask[order[np.arange(n) - start < k[gid]]] = True
     return mask
 
 
-def masked_neighbours(pos: np.ndarray, gid: np.ndarray, atoms: np.ndarray, opt: CollateOptions) -> np.ndarray:
+def masked_neighbours(pos: np.ndarray, ptr: np.ndarray, atoms: np.ndarray, opt: CollateOptions) -> np.ndarray:
     """Radius pairs (i < j) touching ``atoms`` on positions ``pos``: each listed atom's ``max_neighbors`` nearest
-    atoms of its own molecule within ``radius_A`` (molecules are moved apart so one tree serves the batch).
+    atoms of its own molecule (``ptr``: the molecules' first atoms) within ``radius_A``.
 
-    A pair of a listed and an unlisted atom is found once (only the listed end is queried), so only pairs of two
-    listed atoms, found from either end, are deduplicated: the union of both ends' neighbour lists, never a pair
-    twice. Order: the pairs with one listed atom in query order, then those of two listed atoms sorted."""
+    In a molecule of at most ``max_neighbors + 1`` atoms the cap cannot bind: a listed atom's distances to every
+    atom of its molecule are computed directly (small molecules: no tree). Larger molecules share one k-d tree
+    (moved apart so no pair across molecules is within the radius). A pair of a listed and an unlisted atom is
+    found once (only the listed end is queried), so only pairs of two listed atoms, found from either end, are
+    deduplicated: the union of both ends' neighbour lists, never a pair twice. Order: the pairs with one listed
+    atom (small molecules' queries, then large ones'), then those of two listed atoms sorted."""
     n = len(pos)
     if len(atoms) == 0 or n < 2:
         return np.zeros((0, 2), np.int64)
-    p = pos.astype(np.float64)
-    width = float(np.ptp(p[:, 0])) + 2 * opt.radius_A + 1.0
-    p[:, 0] += gid * width  # molecule g occupies its own slab of x: no pair across molecules is within the radius
-    k = min(opt.max_neighbors + 1, n)
-    # an unbalanced, non-compact tree builds ~2x faster and queries as fast on atom clouds
-    tree = cKDTree(p, balanced_tree=False, compact_nodes=False)
-    dist, idx = tree.query(p[atoms], k=k, distance_upper_bound=opt.radius_A)
-    dist, idx = dist.reshape(len(atoms), k), idx.reshape(len(atoms), k)
-    src = np.broadcast_to(atoms[:, None], idx.shape)
-    ok = (idx < n) & (idx != src) & (dist <= opt.radius_A)
-    s, d = src[ok], idx[ok]
+    counts = np.diff(ptr)
+    gid = np.repeat(np.arange(len(counts)), counts)
+    g = gid[atoms]
+    small = counts[g] <= opt.max_neighbors + 1
+    srcs, dsts = [], []
+    q = atoms[small]
+    if len(q):
+        c = counts[g[small]]
+        cand = ranges(ptr[g[small]], c)
+        src = np.repeat(q, c)
+        diff = pos[cand].astype(np.float64) - pos[src]
+        ok = (cand != src) & (np.einsum("ij,ij->i", diff, diff) <= opt.radius_A * opt.radius_A)
+        srcs.append(src[ok])
+        dsts.append(cand[ok])
+    q = atoms[~small]
+    if len(q):
+        big = np.flatnonzero(counts > opt.max_neighbors + 1)
+        sub = ranges(ptr[big], counts[big])  # the atoms of the large molecules
+        loc = np.full(n, -1, np.int64)
+        loc[sub] = np.arange(len(sub))
+        p = pos[sub].astype(np.float64)
+        width = float(np.ptp(p[:, 0])) + 2 * opt.radius_A + 1.0
+        p[:, 0] += gid[sub] * width
+        k = min(opt.max_neighbors + 1, len(sub))
+        # an unbalanced, non-compact tree builds ~2x faster and queries as fast on atom clouds
+        tree = cKDTree(p, balanced_tree=False, compact_nodes=False)
+        dist, idx = tree.query(p[loc[q]], k=k, distance_upper_bound=opt.radius_A)
+        dist, idx = dist.reshape(len(q), k), idx.reshape(len(q), k)
+        src = np.broadcast_to(q[:, None], idx.shape)
+        ok = (idx < len(sub)) & (dist <= opt.radius_A)
+        s, d = src[ok], sub[idx[ok]]
+        keep = d != s
+        srcs.append(s[keep])
+        dsts.append(d[keep])
+    s, d = np.concatenate(srcs), np.concatenate(dsts)
     listed = np.zeros(n, bool)
     listed[atoms] = True
     both = listed[d]
@@ -347,7 +369,6 @@ def collate_block(
     bonds, draw long-range pairs among the pairs that are not input edges. Targets use the clean positions.
     """
     counts = block.counts("atom")
-    g = len(counts)
     ptr = block.ptr["atom"]
     offsets = ptr[:-1]
     n = int(ptr[-1])
@@ -369,8 +390,7 @@ def collate_block(
     if len(masked) and opt.mask_noise_A > 0:
         pos_in = pos.copy()
         pos_in[masked] += rng.uniform(-opt.mask_noise_A, opt.mask_noise_A, (len(masked), 3)).astype(np.float32)
-        gid = np.repeat(np.arange(g), counts)
-        mask_pairs = masked_neighbours(pos_in, gid, masked, opt).astype(idx_t)
+        mask_pairs = masked_neighbours(pos_in, ptr, masked, opt).astype(idx_t)
         pairs = _split_pairs(pairs, eligible)[0]  # stored pairs of masked atoms: measured on clean positions
         eligible = np.ones(len(pairs), bool)
 

@@ -133,10 +133,26 @@ class Rows:
         return sum(b.nbytes for b in self.blocks)
 
     def compacted(self) -> Rows:
-        """These rows in one new block when their blocks hold more than twice their bytes (plus the largest
-        block): a buffer or pool never pins much more than it holds, whatever order its samples leave in."""
-        if len(self.blocks) <= 1 or self.pinned_bytes() <= 2 * int(self.nbytes.sum()) + max(b.nbytes for b in self.blocks):
+        """These rows with their sparse blocks (under half of the block's bytes still referenced) gathered into one
+        new block, when their blocks hold more than twice their bytes plus the largest block: a buffer or pool never
+        pins much more than it holds, whatever order its samples leave in, and a fresh block is never copied."""
+        sizes = np.fromiter((b.nbytes for b in self.blocks), np.int64, len(self.blocks))
+        if len(self.blocks) <= 1 or int(sizes.sum()) <= 2 * int(self.nbytes.sum()) + int(sizes.max()):
             return self
+        live = np.bincount(self.blk, weights=self.nbytes, minlength=len(self.blocks))
+        sparse = 2 * live < sizes
+        moved = np.flatnonzero(sparse[self.blk])
+        kept = np.flatnonzero(~sparse)
+        remap = np.full(len(self.blocks), len(kept), np.int64)  # sparse blocks' rows -> the new block (last)
+        remap[kept] = np.arange(len(kept))
+        cols = {name: getattr(self, name) for name in COLUMNS}
+        cols["blk"] = remap[self.blk]
+        cols["item"] = self.item.copy()
+        cols["item"][moved] = np.arange(len(moved))
+        return Rows([*(self.blocks[i] for i in kept.tolist()), gather(self.take(moved))], **cols)
+
+    def copied(self) -> Rows:
+        """These rows in one new block of their own (they pin nothing else)."""
         cols = {name: getattr(self, name) for name in COLUMNS}
         cols["blk"] = np.zeros(len(self), np.int64)
         cols["item"] = np.arange(len(self), dtype=np.int64)

@@ -103,7 +103,8 @@ class Packer:
         b = self.b
         if b.batch_size is not None:
             if len(self.pool) < b.batch_size:
-                self.pool = Rows.concat([self.pool, self.upstream.take(b.batch_size - len(self.pool))]).compacted()
+                more = self.upstream.take(b.batch_size - len(self.pool)).copied()
+                self.pool = Rows.concat([self.pool, more]).compacted()
             return
         skipped, limit = 0, sum(len(s.index) for s in self.sources if s is not None)
         parts, n, total, filler = [self.pool], len(self.pool), int(self.pool.atoms.sum()), self._filler_atoms()
@@ -113,7 +114,7 @@ class Packer:
             k = int(min(max((b.pool_atoms - filler) / mean / 2, 1), max(b.pool_max_samples - n, 1)))
             rows, n_skipped = self._admit(self.upstream.take(k))
             if len(rows):
-                parts.append(rows)
+                parts.append(rows.copied())  # the pool's own block: it never pins the shuffle buffers' blocks
                 a = rows.atoms
                 n, total, filler = n + len(rows), total + int(a.sum()), filler + int(a[a <= self.filler_limit].sum())
                 self._seen[0] += int(a.sum())

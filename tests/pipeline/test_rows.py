@@ -85,6 +85,13 @@ def test_compacted_keeps_every_sample_and_bounds_pinned_bytes(small_shards):
         assert np.array_equal(g0.arrays[name], g1.arrays[name]), name
     dense = rows.take(np.arange(len(rows)))
     assert dense.compacted() is dense  # nothing to gain: no copy
+    # a fresh (fully referenced) block is kept as it is; only the sparse ones are gathered
+    fresh = _source(small_shards)[0].next_rows()
+    mixed = Rows.concat([few, fresh]).compacted()
+    assert fresh.blocks[0] in mixed.blocks and len(mixed.blocks) == 2
+    assert mixed.pinned_bytes() <= 2 * int(mixed.nbytes.sum())
+    for name in ARRAYS:
+        assert np.array_equal(gather(mixed).arrays[name], gather(Rows.concat([few, fresh])).arrays[name]), name
 
 
 @pytest.mark.parametrize("capacity", [20_000, 120_000])
