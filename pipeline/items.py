@@ -132,15 +132,20 @@ class Rows:
     def pinned_bytes(self) -> int:
         return sum(b.nbytes for b in self.blocks)
 
-    def compacted(self) -> Rows:
+    def compacted(self, shared: frozenset[int] | set[int] = frozenset()) -> Rows:
         """These rows with their sparse blocks (under half of the block's bytes still referenced) gathered into one
         new block, when their blocks hold more than twice their bytes plus the largest block: a buffer or pool never
-        pins much more than it holds, whatever order its samples leave in, and a fresh block is never copied."""
-        sizes = np.fromiter((b.nbytes for b in self.blocks), np.int64, len(self.blocks))
-        if len(self.blocks) <= 1 or int(sizes.sum()) <= 2 * int(self.nbytes.sum()) + int(sizes.max()):
+        pins much more than it holds, whatever order its samples leave in, and a fresh block is never copied.
+        Blocks whose ``id`` is in ``shared`` are another holder's (a pool's rows in a shuffle buffer's blocks): they
+        neither count nor move."""
+        if len(self.blocks) <= 1 and not shared:
             return self
+        sizes = np.fromiter((0 if id(b) in shared else b.nbytes for b in self.blocks), np.int64, len(self.blocks))
         live = np.bincount(self.blk, weights=self.nbytes, minlength=len(self.blocks))
-        sparse = 2 * live < sizes
+        own = sizes > 0
+        if int(sizes.sum()) <= 2 * int(live[own].sum()) + int(sizes.max(initial=0)):
+            return self
+        sparse = own & (2 * live < sizes)
         moved = np.flatnonzero(sparse[self.blk])
         kept = np.flatnonzero(~sparse)
         remap = np.full(len(self.blocks), len(kept), np.int64)  # sparse blocks' rows -> the new block (last)
@@ -150,13 +155,6 @@ class Rows:
         cols["item"] = self.item.copy()
         cols["item"][moved] = np.arange(len(moved))
         return Rows([*(self.blocks[i] for i in kept.tolist()), gather(self.take(moved))], **cols)
-
-    def copied(self) -> Rows:
-        """These rows in one new block of their own (they pin nothing else)."""
-        cols = {name: getattr(self, name) for name in COLUMNS}
-        cols["blk"] = np.zeros(len(self), np.int64)
-        cols["item"] = np.arange(len(self), dtype=np.int64)
-        return Rows([gather(self)], **cols)
 
     def items(self) -> list[tuple[int, int, int, int, int]]:
         """(d, pass, id, atoms, edges) of every row (for checks and tests: a Python tuple per row)."""

@@ -46,6 +46,10 @@ class ShuffleBuffer:
             k -= m
         return Rows.concat(out)
 
+    def block_ids(self) -> set[int]:
+        """``id`` of every block this buffer holds."""
+        return {id(b) for b in self.rows.blocks}
+
     def state_dict(self) -> dict:
         return {"rand": self.rand.state_dict(), "ids": np.stack([self.rows.pass_, self.rows.idx], axis=1)}
 
@@ -82,6 +86,10 @@ class Mixer:
         back = np.empty(k, np.int64)
         back[grouped] = np.arange(k)
         return rows.take(back)
+
+    def block_ids(self) -> set[int]:
+        """``id`` of every block the domains' buffers hold."""
+        return set().union(*(x.block_ids() for x in self.streams if x is not None))
 
     def state_dict(self) -> dict:
         return {"rand": self.rand.state_dict()}

@@ -103,8 +103,8 @@ class Packer:
         b = self.b
         if b.batch_size is not None:
             if len(self.pool) < b.batch_size:
-                more = self.upstream.take(b.batch_size - len(self.pool)).copied()
-                self.pool = Rows.concat([self.pool, more]).compacted()
+                more = self.upstream.take(b.batch_size - len(self.pool))
+                self.pool = Rows.concat([self.pool, more]).compacted(self.upstream.block_ids())
             return
         skipped, limit = 0, sum(len(s.index) for s in self.sources if s is not None)
         parts, n, total, filler = [self.pool], len(self.pool), int(self.pool.atoms.sum()), self._filler_atoms()
@@ -114,7 +114,7 @@ class Packer:
             k = int(min(max((b.pool_atoms - filler) / mean / 2, 1), max(b.pool_max_samples - n, 1)))
             rows, n_skipped = self._admit(self.upstream.take(k))
             if len(rows):
-                parts.append(rows.copied())  # the pool's own block: it never pins the shuffle buffers' blocks
+                parts.append(rows)
                 a = rows.atoms
                 n, total, filler = n + len(rows), total + int(a.sum()), filler + int(a[a <= self.filler_limit].sum())
                 self._seen[0] += int(a.sum())
@@ -123,7 +123,7 @@ class Packer:
             if n_skipped and (skipped := skipped + n_skipped) > limit:  # a whole pass skipped (resolve() refuses such configs first)
                 raise OversizeError(f"nothing fits the budget max_atoms={b.max_atoms} / max_edges={b.max_edges}: "
                                     f"{skipped} samples in a row were skipped as oversize; raise the budget")
-        self.pool = Rows.concat(parts).compacted()
+        self.pool = Rows.concat(parts).compacted(self.upstream.block_ids())
 
     def __next__(self) -> Rows:
         self._top_up()

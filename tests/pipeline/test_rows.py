@@ -112,3 +112,26 @@ def test_shuffle_buffer_gives_each_sample_once_per_pass_and_pins_little(small_sh
         assert sorted(seen[p]) == list(range(len(ix))), f"pass {p}"
     first = seen[0][:50]
     assert first != sorted(first)  # shuffled
+
+
+def test_the_pool_pins_little_beyond_the_shuffle_buffers_blocks(small_shards):
+    """The packer's pool references the shuffle buffer's blocks without copying; blocks only the pool still holds
+    are compacted, so they never pin much more than the pool's samples in them (plus what the last batch took)."""
+    from pipeline.stream import train_stream
+
+    cfg = config(small_shards, weights={DOMAIN: 1.0}, max_atoms=1500, shuffle_buffer_bytes=30_000,
+                 read_block_bytes=1)
+    res = resolve(cfg)
+    st = train_stream(cfg, res.train, res.sample_probs, res.batch_probs, 0, 1)
+    worst = 0.0
+    for _ in range(80):
+        batch = st.next_rows()
+        pool, shared = st.packer.pool, st.buffers[0].block_ids()
+        own = np.array([id(b) not in shared for b in pool.blocks], bool)
+        sizes = np.array([b.nbytes for b in pool.blocks], np.int64)
+        live = int(pool.nbytes[own[pool.blk]].sum()) if len(pool) else 0
+        if own.any():
+            pinned = int(sizes[own].sum())
+            assert pinned <= 2 * (live + int(batch.nbytes.sum())) + int(sizes.max()), (pinned, live)
+            worst = max(worst, pinned / max(live, 1))
+    assert worst > 0  # the pool did hold blocks of its own
