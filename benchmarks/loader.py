@@ -183,10 +183,11 @@ def profile_stages(shards: str, batches: int, max_atoms: int, domain: str | None
 
     total = cum("stream.py", "next_compact") / 2  # TrainStream.next_compact wraps Collator.next_compact
     share = {name: round(cum(m, f) / total, 3) for name, (m, f) in {
-        "read_and_decode": ("read.py", "_fill"), "decode_run": ("read.py", "decode_run"),
-        "header_parse_and_views": ("schema.py", "_parse_member"), "collate": ("collate.py", "collate_compact")}.items()}
+        "read_and_decode": ("read.py", "_fill"), "decode_members": ("read.py", "decode_members"),
+        "header_parse_and_views": ("schema.py", "_parse_member"), "gather_batches_and_compaction": ("items.py", "gather"),
+        "compaction": ("items.py", "compacted"), "collate": ("collate.py", "collate_block")}.items()}
     share["value_validation"] = round((cum("schema.py", "check_offsets") + cum("schema.py", "sample_faults")) / total, 3)
-    share["shuffle_mix_pack"] = round(1 - share["read_and_decode"] - share["collate"], 3)
+    share["shuffle_mix_pack"] = round(1 - share["read_and_decode"] - share["collate"] - share["gather_batches_and_compaction"], 3)
     return {"molecules_per_s": round(mols / secs), "us_per_molecule": round(secs / mols * 1e6, 1),
             "cprofile_share": share}
 

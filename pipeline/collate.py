@@ -1,7 +1,7 @@
 """Collate decoded samples into one PyG ``Batch``: the contract between the loader and the model.
 
-Everything per batch is vectorised over the concatenated arrays; the only per-sample Python work is
-gathering array references. All randomness (which atoms are masked, their noise, held-out pairs,
+Everything per batch is vectorised over the batch's samples as one :class:`~pipeline.items.Block` (arrays
+concatenated, offsets per sample): no per-sample Python work in :func:`collate_block`. All randomness (which atoms are masked, their noise, held-out pairs,
 long-range pairs) comes from the ``numpy.random.Generator`` passed in -- the stream seeds it from
 (seed, slot, batch number) -- so a batch is a pure function of (samples, generator state, options),
 deterministic and resumable.

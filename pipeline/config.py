@@ -59,7 +59,7 @@ class DataConfig:
     """A sample over max_atoms or max_edges: 'raise', 'skip' or 'crop' (spatial ball around a random atom, also in
     val/test); counted."""
     bad_sample_policy: str = "raise"
-    """A block or sample that fails to decode or validate (pipeline.read.decode_run): 'raise' or 'skip' (counted once per
+    """A block or sample that fails to decode or validate (pipeline.read.decode_members): 'raise' or 'skip' (counted once per
     sample per domain as 'bad')."""
     verify_crc32: bool = True
     """Check every block member against the index's crc32; a mismatch makes the block's samples bad."""

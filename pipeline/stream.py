@@ -6,7 +6,10 @@ The stages are composed in one place, :func:`train_stream`::
       → per-domain shuffle buffer bounded in bytes  (ShuffleBuffer)
       → mix domains by weight  (Mixer)            | homogeneous mode: choose a domain per batch
       → pack to the atom budget  (Packer)         |   and pack from that domain's own pool
-      → transforms + collate to a PyG Batch  (Collator)
+      → gather + transforms + collate to a PyG Batch  (Collator)
+
+Between the stages travel :class:`~pipeline.items.Rows` (columns of references into decoded blocks), many
+samples at a time; no stage makes a Python object per sample.
 
 Every stage keeps its state as plain integers (pass, cursor, generator states, the ids of buffered and
 pooled samples) so :meth:`TrainStream.state_dict` captures the stream exactly and

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.collate import INPUT_FIELDS, LR_STRATA_A, MASK_TOKEN, TARGET_FIELDS
+from pipeline.collate import INPUT_FIELDS, LR_STRATA_A, MASK_TOKEN, TARGET_FIELDS, CollateOptions
 from tests.model.helpers import RADIUS, demo_samples, make_batch
 
 
@@ -144,3 +144,33 @@ def test_inference_batch_has_empty_targets_and_clean_inputs(samples):
 def test_empty_batch():
     b = make_batch([], seed=0)
     assert b.num_nodes == 0 and b.num_graphs == 0 and b.lr_index.shape == (2, 0)
+
+
+def test_masked_neighbours_follow_the_cap_in_small_and_large_molecules(samples):
+    """With a cap that binds (8 neighbours), a masked atom's rebuilt pairs are its 8 nearest atoms of its molecule
+    within the radius, plus pairs found from other masked atoms' own lists; molecules of at most cap + 1 atoms (no
+    tree) and larger ones (k-d tree) alike."""
+    from pipeline.collate import masked_neighbours
+    from pipeline.items import Block
+
+    cap = 8
+    opt = CollateOptions(radius_A=RADIUS, max_neighbors=cap)
+    block = Block.from_samples(samples)
+    pos, ptr = block.arrays["pos"], block.ptr["atom"]
+    gid = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+    atoms = np.flatnonzero(np.random.default_rng(1).random(len(pos)) < 0.2)
+    pairs = masked_neighbours(pos, ptr, atoms, opt)
+    found = {(int(a), int(b)) for a, b in pairs.tolist()}
+    assert len(found) == len(pairs) and all(a < b for a, b in found)
+
+    def nearest(a):
+        d = np.linalg.norm(pos - pos[a], axis=1)
+        d[(gid != gid[a]) | (np.arange(len(pos)) == a)] = np.inf
+        order = np.argsort(d, kind="stable")[:cap]
+        return set(order[d[order] <= RADIUS].tolist())
+
+    lists = {int(a): nearest(a) for a in atoms}
+    want = {(min(a, b), max(a, b)) for a, near in lists.items() for b in near}
+    assert found == want
+    sizes = np.diff(ptr)[gid[atoms]]
+    assert (sizes <= cap + 1).any() and (sizes > cap + 1).any()  # both paths ran
