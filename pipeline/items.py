@@ -156,11 +156,6 @@ class Rows:
         cols["item"][moved] = np.arange(len(moved))
         return Rows([*(self.blocks[i] for i in kept.tolist()), gather(self.take(moved))], **cols)
 
-    def items(self) -> list[tuple[int, int, int, int, int]]:
-        """(d, pass, id, atoms, edges) of every row (for checks and tests: a Python tuple per row)."""
-        return list(zip(self.d.tolist(), self.pass_.tolist(), self.idx.tolist(), self.atoms.tolist(),
-                        self.edges.tolist(), strict=True))
-
 
 def rows_of_block(block: Block, items: np.ndarray, d: int, pass_: int, ids: np.ndarray, edges: np.ndarray) -> Rows:
     """Rows for samples ``items`` of ``block`` (sample ids ``ids``, directed edge bounds ``edges``)."""
