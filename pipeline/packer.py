@@ -147,7 +147,7 @@ class Packer:
         return {"pool": np.stack([self.pool.d, self.pool.pass_, self.pool.idx], axis=1), "seen": list(self._seen)}
 
     def load_state_dict(self, st: dict) -> None:
-        self._seen = [int(x) for x in st["seen"]]
+        self._seen = [int(x) for x in st.get("seen", (0, 0))]  # a state saved before draw sizing: sized afresh
         want = np.asarray(st["pool"], np.int64).reshape(-1, 3)
         at = {(d, p, i): k for k, (d, p, i) in enumerate(want.tolist())}
         parts = []
