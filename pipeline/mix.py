@@ -25,7 +25,7 @@ class ShuffleBuffer:
 
     def _fill(self) -> None:
         parts = [self.rows]
-        while self.nbytes < self.capacity or not self.nbytes:
+        while self.nbytes < self.capacity:  # capacity >= 1: at least one member
             r = self.source.next_rows()
             parts.append(r)
             self.nbytes += int(r.nbytes.sum())

@@ -54,13 +54,7 @@ class Packer:
     def _admit(self, rows: Rows) -> tuple[Rows, int]:
         """Apply the oversize policy; returns the rows to pool (some maybe cropped) and how many were skipped."""
         b = self.b
-        if b.batch_size is not None or (b.max_atoms is None and b.max_edges is None):
-            return rows, 0
-        over = np.zeros(len(rows), bool)
-        if b.max_atoms is not None:
-            over |= rows.atoms > b.max_atoms
-        if b.max_edges is not None:
-            over |= rows.edges > b.max_edges
+        over = self._over(rows)
         if not over.any():
             return rows, 0
         keep = np.flatnonzero(~over)
@@ -84,6 +78,15 @@ class Packer:
         both = Rows.concat([rows.take(keep), *cropped])
         pos = np.concatenate([keep, np.asarray(at, np.int64)])
         return both.take(np.argsort(pos, kind="stable")), len(rows) - len(pos)
+
+    def _over(self, rows: Rows) -> np.ndarray:
+        """Which rows exceed the atom or edge budget (none with a fixed batch_size)."""
+        b, over = self.b, np.zeros(len(rows), bool)
+        if b.batch_size is None and b.max_atoms is not None:
+            over |= rows.atoms > b.max_atoms
+        if b.batch_size is None and b.max_edges is not None:
+            over |= rows.edges > b.max_edges
+        return over
 
     def _crop(self, row: Rows) -> Rows:
         """One row, cropped to the budget (:func:`~pipeline.packing.crop_to_budget`) into a block of its own."""
@@ -153,13 +156,10 @@ class Packer:
         parts = []
         for d in np.unique(want[:, 0]).tolist():
             rows = self.sources[d].fetch_rows(want[want[:, 0] == d][:, 1:])
-            if self.b.batch_size is None and self.b.max_atoms is not None:
-                over = (rows.atoms > self.b.max_atoms) | (
-                    (rows.edges > self.b.max_edges) if self.b.max_edges is not None else False)
-                if over.any():  # cropped when first admitted (and counted then)
-                    ok = np.flatnonzero(~over)
-                    bad = np.flatnonzero(over)
-                    rows = Rows.concat([rows.take(ok), *[self._crop(rows.take(np.array([k]))) for k in bad.tolist()]])
+            over = self._over(rows)
+            if over.any():  # cropped when first admitted (and counted then)
+                rows = Rows.concat([rows.take(np.flatnonzero(~over)),
+                                    *[self._crop(rows.take(np.array([k]))) for k in np.flatnonzero(over).tolist()]])
             parts.append(rows)
         rows = Rows.concat(parts)
         order = [at[(d, p, i)] for d, p, i in zip(rows.d.tolist(), rows.pass_.tolist(), rows.idx.tolist(), strict=True)]
