@@ -183,42 +183,49 @@ def _flat(a: np.ndarray) -> np.ndarray:
 
 
 def gather(rows: Rows) -> Block:
-    """The samples of ``rows``, in row order, as one new block: per source block and row family one index, one
-    fancy-index read and (several blocks) one scatter per array."""
+    """The samples of ``rows``, in row order, as one new block.
+
+    The rows are grouped by source block (a stable sort); per row family one vectorised source index over all the
+    groups and one destination index, then per array and group one fancy-index read (and, from several blocks,
+    one scatter into place): the Python work grows with the number of source blocks, never with the rows."""
     n = len(rows)
     if n == 0:
         return Block({"z": np.zeros(0, np.uint8), "pos": np.zeros((0, 3), np.float32),
                       "bonds": np.zeros((0, 2), np.int32), "edges": np.zeros((0, 2), np.int32)},
                      {fam: np.zeros(1, np.int64) for fam in ROW_BYTES})
-    if len(rows.blocks) == 1:
-        groups = [(rows.blocks[0], slice(None))]
-    else:
-        order = np.argsort(rows.blk, kind="stable")
-        sorted_blk = rows.blk[order]
-        cuts = [0, *(np.flatnonzero(np.diff(sorted_blk)) + 1).tolist(), n]
-        groups = [(rows.blocks[int(sorted_blk[lo])], order[lo:hi]) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
-    counts, starts, ptr = {}, {}, {}
+    one = len(rows.blocks) == 1
+    order = np.arange(n) if one else np.argsort(rows.blk, kind="stable")
+    sorted_blk = rows.blk[order]
+    cuts = [0, n] if one else [0, *(np.flatnonzero(np.diff(sorted_blk)) + 1).tolist(), n]
+    groups = [(rows.blocks[int(sorted_blk[lo])], lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
+    items = rows.item[order]
+    ptr, src, dst, at = {}, {}, {}, {}
     for fam in ROW_BYTES:
-        c = np.zeros(n, np.int64)
-        s = np.zeros(n, np.int64)
-        for b, g in groups:
-            it = rows.item[g]
-            s[g] = b.ptr[fam][it]
-            c[g] = b.ptr[fam][it + 1] - s[g]
+        s = np.empty(n, np.int64)  # in block-sorted order
+        c = np.empty(n, np.int64)
+        for b, lo, hi in groups:
+            it = items[lo:hi]
+            s[lo:hi] = b.ptr[fam][it]
+            c[lo:hi] = b.ptr[fam][it + 1] - s[lo:hi]
+        counts = c if one else np.empty(n, np.int64)
+        if not one:
+            counts[order] = c
         p = np.zeros(n + 1, np.int64)
-        np.cumsum(c, out=p[1:])
-        counts[fam], starts[fam], ptr[fam] = c, s, p
-    src = {fam: [ranges(starts[fam][g], counts[fam][g]) for _, g in groups] for fam in ROW_BYTES}
+        np.cumsum(counts, out=p[1:])
+        ptr[fam], src[fam] = p, ranges(s, c)
+        at[fam] = np.concatenate([[0], np.cumsum(c)[np.asarray(cuts[1:]) - 1]])  # each group's span of src/dst
+        dst[fam] = None if one else ranges(p[:-1][order], c)
     arrays = {}
     for name, fam in ARRAYS.items():
         first = groups[0][0].arrays[name]
-        if len(groups) == 1:
-            arrays[name] = _flat(first)[src[fam][0]].view(first.dtype).reshape(-1, *first.shape[1:])
+        if one:
+            arrays[name] = _flat(first)[src[fam]].view(first.dtype).reshape(-1, *first.shape[1:])
             continue
         out = np.empty((int(ptr[fam][-1]), *first.shape[1:]), first.dtype)
         flat_out = _flat(out)
-        for (b, g), idx in zip(groups, src[fam], strict=True):
-            flat_out[ranges(ptr[fam][:-1][g], counts[fam][g])] = _flat(b.arrays[name])[idx]
+        for k, (b, _, _) in enumerate(groups):
+            lo, hi = int(at[fam][k]), int(at[fam][k + 1])
+            flat_out[dst[fam][lo:hi]] = _flat(b.arrays[name])[src[fam][lo:hi]]
         arrays[name] = out
     return Block(arrays, ptr)
 
