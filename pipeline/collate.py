@@ -284,19 +284,23 @@ def _long_range_pairs(
     cand = per_mol * opt.lr_candidates
     mol = np.repeat(np.arange(len(counts)), cand)
     n = counts[mol]
-    i = rng.integers(0, n)
-    j = rng.integers(0, n - 1)
-    j = j + (j >= i)  # skip i itself: uniform over the other n-1 atoms
-    i, j = i + offsets[mol], j + offsets[mol]
-    codes = np.minimum(i, j) * n_atoms + np.maximum(i, j)
-    d = np.linalg.norm(pos[i] - pos[j], axis=1)
-    # drop pairs whose distance the input shows, and repeated pairs
-    _, first = np.unique(codes, return_index=True)
-    ok = np.zeros(len(codes), bool)
-    ok[first] = True
-    ok &= (d > opt.radius_A) | mlm_mask[i] | mlm_mask[j]
-    mol, i, j, d = mol[ok], i[ok], j[ok], d[ok]
-    stratum = np.searchsorted(np.asarray(opt.lr_strata_A), d)
+    u = rng.random((2, len(mol)))  # floor(u * n): uniform integers in [0, n) without per-element bounds
+    i = np.minimum((u[0] * n).astype(np.int64), n - 1)  # (u * n rounds up to n only for u within 2**-53 of 1)
+    j = np.minimum((u[1] * (n - 1)).astype(np.int64), n - 2)
+    j += j >= i  # skip i itself: uniform over the other n-1 atoms
+    i += offsets[mol]
+    j += offsets[mol]
+    diff = pos[i] - pos[j]
+    d2 = np.einsum("ij,ij->i", diff, diff)
+    # keep pairs whose distance the input does not show, then the first of each repeated pair
+    ok = np.flatnonzero((d2 > opt.radius_A * opt.radius_A) | mlm_mask[i] | mlm_mask[j])
+    mol, i, j, d2 = mol[ok], i[ok], j[ok], d2[ok]
+    _, first = np.unique(np.minimum(i, j) * n_atoms + np.maximum(i, j), return_index=True)
+    if len(first) < len(i):
+        first.sort()
+        mol, i, j, d2 = mol[first], i[first], j[first], d2[first]
+    strata = np.asarray(opt.lr_strata_A, np.float64)
+    stratum = np.searchsorted(strata * strata, d2)  # squared distances against squared bounds: no square root
     n_str = len(opt.lr_strata_A) + 1
     cell = mol * n_str + stratum
     in_cell = np.bincount(cell, minlength=len(counts) * n_str)  # candidates per (molecule, stratum)

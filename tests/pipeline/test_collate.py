@@ -114,6 +114,28 @@ def test_long_range_pairs_are_unseen_and_spread_over_the_bins(batch, samples):
     assert top(batch.lr_target.numpy()[prot]) < bound < top(uniform), (top(batch.lr_target.numpy()[prot]), top(uniform))
 
 
+def test_long_range_candidates_are_distinct_uniform_pairs():
+    """Every ordered pair (i != j) of a molecule is an equally likely candidate, and no pair is kept twice."""
+    from pipeline.collate import _long_range_pairs
+
+    n_mol, n = 4000, 5
+    counts, offsets = np.full(n_mol, n), np.arange(n_mol) * n
+    pos = np.random.default_rng(0).normal(size=(n_mol * n, 3)).astype(np.float32)
+    # all pairs beyond the radius and in one stratum; 2 candidates a molecule, both kept unless repeated
+    opt = CollateOptions(radius_A=1e-3, lr_pairs_per_atom=0.4, lr_candidates=1, lr_strata_A=(1e6,))
+    lr = _long_range_pairs(counts, offsets, pos, np.zeros(n_mol * n, bool), opt, np.random.default_rng(1))
+    i, j = lr
+    assert (i // n == j // n).all() and (i != j).all()
+    code = np.minimum(i, j) * n_mol * n + np.maximum(i, j)
+    assert len(np.unique(code)) == lr.shape[1]
+    # 2 draws of 10 unordered pairs repeat with probability 1/10: the repeats are dropped, not kept twice
+    assert 0.85 * 2 * n_mol < lr.shape[1] < 0.95 * 2 * n_mol, lr.shape
+    ordered = np.bincount((i % n) * n + j % n, minlength=n * n).reshape(n, n)
+    assert (np.diag(ordered) == 0).all()
+    share = ordered[~np.eye(n, dtype=bool)] / lr.shape[1]  # 20 ordered pairs, 1/20 each (~7,200 draws)
+    assert np.abs(share - 1 / 20).max() < 0.012, share
+
+
 def test_targets_are_clean_and_deterministic(batch, samples):
     pos, _, _ = clean(samples)
     sr = batch.sr_index.numpy()
