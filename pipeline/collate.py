@@ -98,6 +98,12 @@ class CollateOptions:
     """Uniform candidate pairs drawn per long-range pair before stratified selection (count)."""
 
 
+def _dist(pos: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """float32 distances |pos[i] - pos[j]| (``np.take`` of rows: about twice as fast as ``pos[i]``)."""
+    diff = np.take(pos, i, axis=0) - np.take(pos, j, axis=0)
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff)).astype(np.float32, copy=False)
+
+
 def _cap_neighbors(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, k: int) -> np.ndarray:
     """Boolean keep-mask: for each source atom keep its ``k`` nearest destinations (ties by order)."""
     order = np.lexsort((dist, src))
@@ -140,7 +146,7 @@ def radius_pairs(pairs: np.ndarray, pos: np.ndarray, need_dist: bool, need_cap: 
     """
     if len(pairs) == 0 or not (need_dist or need_cap):
         return pairs
-    d = np.linalg.norm(pos[pairs[:, 0]] - pos[pairs[:, 1]], axis=1)
+    d = _dist(pos, pairs[:, 0], pairs[:, 1])
     keep = d <= opt.radius_A
     pairs, d = pairs[keep], d[keep]
     if need_cap:
@@ -229,7 +235,7 @@ def masked_neighbours(pos: np.ndarray, ptr: np.ndarray, atoms: np.ndarray, opt: 
         c = counts[g[small]]
         cand = ranges(ptr[g[small]], c)
         src = np.repeat(q, c)
-        diff = pos[cand].astype(np.float64) - pos[src]
+        diff = np.take(pos, cand, axis=0) - np.repeat(np.take(pos, q, axis=0), c, axis=0)
         ok = (cand != src) & (np.einsum("ij,ij->i", diff, diff) <= opt.radius_A * opt.radius_A)
         srcs.append(src[ok])
         dsts.append(cand[ok])
@@ -239,7 +245,7 @@ def masked_neighbours(pos: np.ndarray, ptr: np.ndarray, atoms: np.ndarray, opt: 
         sub = ranges(ptr[big], counts[big])  # the atoms of the large molecules
         loc = np.full(n, -1, np.int64)
         loc[sub] = np.arange(len(sub))
-        p = pos[sub].astype(np.float64)
+        p = np.take(pos, sub, axis=0).astype(np.float64)
         width = float(np.ptp(p[:, 0])) + 2 * opt.radius_A + 1.0
         p[:, 0] += gid[sub] * width
         k = min(opt.max_neighbors + 1, len(sub))
@@ -290,7 +296,7 @@ def _long_range_pairs(
     j += j >= i  # skip i itself: uniform over the other n-1 atoms
     i += offsets[mol]
     j += offsets[mol]
-    diff = pos[i] - pos[j]
+    diff = np.take(pos, i, axis=0) - np.take(pos, j, axis=0)
     d2 = np.einsum("ij,ij->i", diff, diff)
     # keep pairs whose distance the input does not show, then the first of each repeated pair
     ok = np.flatnonzero((d2 > opt.radius_A * opt.radius_A) | mlm_mask[i] | mlm_mask[j])
@@ -427,9 +433,9 @@ def collate_block(
         "mlm_mask": t(mlm_mask),
         "mlm_target": t(np.ascontiguousarray(z[masked], np.uint8)),
         "sr": t(np.ascontiguousarray(sr)),
-        "sr_target": t(np.linalg.norm(pos[sr[:, 0]] - pos[sr[:, 1]], axis=1).astype(np.float32)),
+        "sr_target": t(_dist(pos, sr[:, 0], sr[:, 1])),
         "lr": t(lr),
-        "lr_target": t(np.linalg.norm(pos[lr[0]] - pos[lr[1]], axis=1).astype(np.float32)),
+        "lr_target": t(_dist(pos, lr[0], lr[1])),
         "domain": torch.as_tensor(np.asarray(domain_ids, np.int64).reshape(-1)),
         "keys": list(keys),
     }
