@@ -105,10 +105,11 @@ class Rows:
         """The rows at ``pos`` (in that order), with only the blocks they reference."""
         pos = np.asarray(pos, np.int64)
         cols = {name: getattr(self, name)[pos] for name in COLUMNS}
-        used, cols["blk"] = np.unique(cols["blk"], return_inverse=True)
-        if len(used) == len(self.blocks):
+        used = np.bincount(cols["blk"], minlength=len(self.blocks)) > 0  # a count, not a sort of the rows
+        if used.all():
             return Rows(self.blocks, **cols)
-        return Rows([self.blocks[i] for i in used.tolist()], **cols)
+        cols["blk"] = (np.cumsum(used) - 1)[cols["blk"]]  # blocks keep their order
+        return Rows([self.blocks[i] for i in np.flatnonzero(used).tolist()], **cols)
 
     @staticmethod
     def concat(parts: list[Rows]) -> Rows:

@@ -39,9 +39,14 @@ class ShuffleBuffer:
                 self._fill()
             n = len(self.rows)
             m = min(k, max(1, n // 2))
-            order = np.argsort(self.rand.many(n), kind="stable")
-            out.append(self.rows.take(order[:m]))
-            self.rows = self.rows.take(np.sort(order[m:]))
+            # the m samples of the smallest uniforms, in increasing order: a partition, then a sort of m (not of n)
+            u = self.rand.many(n)
+            first = np.argpartition(u, m - 1)[:m] if m < n else np.arange(n)
+            first = first[np.argsort(u[first], kind="stable")]
+            keep = np.ones(n, bool)
+            keep[first] = False
+            out.append(self.rows.take(first))
+            self.rows = self.rows.take(np.flatnonzero(keep))
             self.nbytes -= int(out[-1].nbytes.sum())
             k -= m
         return Rows.concat(out)
