@@ -96,6 +96,9 @@ class CollateOptions:
     """Distance strata of the long-range sampling, Å: candidates are drawn evenly from each stratum a molecule has."""
     lr_candidates: int = 4
     """Uniform candidate pairs drawn per long-range pair before stratified selection (count)."""
+    max_edges: int | None = None
+    """The batch's edge budget (``data.max_edges``): directed input edges + 2 per held-out pair never exceed it,
+    even where masked atoms' pairs rebuilt on noised positions outnumber their stored ones (the farthest go)."""
 
 
 def _dist(pos: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -417,6 +420,13 @@ def collate_block(
         drop |= _is_in(_pair_codes(bonds, n), np.sort(_pair_codes(sr, n)))
         bonds = bonds[~drop]
     kept_bond = _bond_flags(kept, bonds, n)  # masked atoms have no bonds left: their rebuilt pairs are no bonds
+    if opt.max_edges is not None and len(mask_pairs):
+        # the budget counted the stored pairs; on noised positions a masked atom can gain neighbours: the farthest
+        # rebuilt pairs past the budget are dropped (directed edges + 2 per held-out pair <= max_edges)
+        excess = min(len(kept) + len(mask_pairs) + len(sr) - opt.max_edges // 2, len(mask_pairs))
+        if excess > 0:
+            far = np.argsort(_dist(pos_in, mask_pairs[:, 0], mask_pairs[:, 1]), kind="stable")
+            mask_pairs = mask_pairs[np.sort(far[: len(mask_pairs) - excess])]
     if len(mask_pairs):
         kept = np.concatenate([kept, mask_pairs])
         kept_bond = np.concatenate([kept_bond, np.zeros(len(mask_pairs), bool)])

@@ -50,7 +50,8 @@ class DataConfig:
     max_graphs: int | None = None
     """Optional cap on molecules per batch, graphs."""
     max_edges: int | None = None
-    """Optional cap on directed radius edges per batch, edges (uses the stored pair counts, an upper bound)."""
+    """Optional cap on directed radius edges per batch (+ 2 per held-out short-range pair), edges: batches are packed
+    by the stored pair counts; masked atoms' pairs rebuilt on noised positions that would pass it drop, farthest first."""
     batch_size: int | None = None
     """Fixed-size mode: exactly this many molecules per batch, ignoring max_atoms (the seed's batch_size=32)."""
     cross_domain_batches: bool = True

@@ -136,6 +136,28 @@ def test_long_range_candidates_are_distinct_uniform_pairs():
     assert np.abs(share - 1 / 20).max() < 0.012, share
 
 
+def test_edge_budget_holds_after_masked_atoms_are_rebuilt(batch, samples):
+    """Masked atoms' pairs rebuilt on noised positions can outnumber their stored ones (which the packer counted):
+    past ``max_edges`` the farthest rebuilt pairs go, and nothing else changes."""
+    total = batch.edge_index.shape[1] + 2 * batch.sr_index.shape[1]
+    tight = make_batch(samples, seed=0, max_edges=total - 100)
+    assert tight.edge_index.shape[1] + 2 * tight.sr_index.shape[1] == total - 100
+    for name in ("z", "pos", "mlm_mask", "sr_index", "lr_index", "bond_index"):
+        assert torch.equal(getattr(tight, name), getattr(batch, name)), name
+    n = batch.num_nodes
+    gone = codes(batch.edge_index, n) - codes(tight.edge_index, n)
+    assert len(gone) == 50 and not codes(tight.edge_index, n) - codes(batch.edge_index, n)
+    masked = batch.mlm_mask.numpy()
+    a, b = np.array(sorted(gone)) // n, np.array(sorted(gone)) % n
+    assert (masked[a] | masked[b]).all()  # only rebuilt pairs (of a masked atom) were dropped
+    pos = batch.pos.numpy()
+    ei = tight.edge_index.numpy()
+    kept_rebuilt = masked[ei[0]] | masked[ei[1]]
+    kept_far = np.linalg.norm(pos[ei[0]] - pos[ei[1]], axis=1)[kept_rebuilt].max()
+    assert np.linalg.norm(pos[a] - pos[b], axis=1).min() >= kept_far - 1e-5  # the farthest went
+    assert torch.equal(make_batch(samples, seed=0, max_edges=total).edge_index, batch.edge_index)
+
+
 def test_targets_are_clean_and_deterministic(batch, samples):
     pos, _, _ = clean(samples)
     sr = batch.sr_index.numpy()
