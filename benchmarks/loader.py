@@ -7,6 +7,8 @@ Measured in the same run, each phase in its own process (so peak RSS is its own)
 - ``seed``: the seed's path on the same training structures: ``torch.load`` of ``(data, slices)`` chunks
   (edges stored, as the seed's chunks), PyG ``DynamicBatchSampler(mode='node', max_num=25000)`` and
   ``Batch`` collation; one cold pass (every sample separated afresh) and one warm pass (PyG's cache);
+- ``ours_without_transforms``: ours with masking, short- and long-range pairs off (clean batches, as the
+  seed-style path makes): what the per-atom work of the pretraining transforms costs;
 - ``rss_x10``: our loader's peak RSS when the data is replicated 10x (it must stay flat);
 - ``first_10k``: time to the first batch with a synthetic 10 000-shard index.
 
@@ -88,7 +90,7 @@ class PeakRss:
 
 
 # -- phases (each runs in a fresh process) -------------------------------------------------------------
-def phase_ours(shards: str, batches: int, max_atoms: int, domain: str | None) -> dict:
+def phase_ours(shards: str, batches: int, max_atoms: int, domain: str | None, transforms: bool = True) -> dict:
     from pipeline.config import DataConfig, DomainConfig
     from pipeline.loader import TrainLoader, resolve
 
@@ -97,7 +99,8 @@ def phase_ours(shards: str, batches: int, max_atoms: int, domain: str | None) ->
     # a 1 MiB shuffle buffer per domain: the 1x demo already fills it, so 1x vs 10x compares like with like
     cfg = DataConfig(root=shards, max_atoms=max_atoms, num_workers=1, train_batches_per_epoch=batches,
                      oversize_policy="crop", domains=(DomainConfig(domain),) if domain else (),
-                     shuffle_buffer_bytes=SHUFFLE_BUFFER_BYTES)
+                     shuffle_buffer_bytes=SHUFFLE_BUFFER_BYTES,
+                     **({} if transforms else {"mask_fraction": 0.0, "sr_fraction": 0.0, "lr_pairs_per_atom": 0.0}))
     loader = TrainLoader(resolve(cfg))
     atoms, n, t1, mols = [], 0, None, 0
     for b in loader:
@@ -401,6 +404,7 @@ def main() -> None:
         torch.set_num_threads(1)  # one core each: torch's OpenMP threads collapse under CPU contention
         name, *rest = a.phase
         fn = {"ours": lambda: phase_ours(rest[0], int(rest[1]), a.max_atoms, a.domain),
+              "ours_plain": lambda: phase_ours(rest[0], int(rest[1]), a.max_atoms, a.domain, transforms=False),
               "seed": lambda: phase_seed(rest[0], a.max_atoms, int(rest[1]), a.domain),
               "first": lambda: phase_first(rest[0], a.max_atoms)}[name]
         print(json.dumps(fn()))
@@ -436,6 +440,7 @@ def main() -> None:
         os.sync()  # the copies' dirty pages written back now, not during the timed phases
         ours = run_phase("ours", str(shards), str(a.batches), domain=a.domain)
         seed = run_phase("seed", str(pt), str(a.batches), domain=a.domain)
+        plain = run_phase("ours_plain", str(shards), str(a.batches), domain=a.domain)
         ours_x10 = run_phase("ours", str(tmp / "x10"), str(a.batches), domain=a.domain)
         first = {"first_batch_s": None}
         if not a.skip_first:
@@ -450,6 +455,10 @@ def main() -> None:
         "seed": seed,
         "ratio_vs_seed_cold": round(ours["atoms_per_s"] / seed["atoms_per_s_cold"], 2),
         "ratio_vs_seed_warm": round(ours["atoms_per_s"] / seed["atoms_per_s_warm"], 2),
+        # the seed-style path collates clean molecules; ours also masks, noises, rebuilds and draws the task pairs
+        "ours_without_transforms": plain,
+        "plain_ratio_vs_seed_cold": round(plain["atoms_per_s"] / seed["atoms_per_s_cold"], 2),
+        "plain_ratio_vs_seed_warm": round(plain["atoms_per_s"] / seed["atoms_per_s_warm"], 2),
         "rss_x10_ratio": round(ours_x10["peak_rss_MB"] / ours["peak_rss_MB"], 3),
         "rss_vs_seed": round(ours["peak_rss_MB"] / seed["peak_rss_MB"], 3),
         "pss_x10_ratio": round(ours_x10["peak_pss_MB"] / ours["peak_pss_MB"], 3),
