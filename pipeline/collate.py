@@ -220,11 +220,12 @@ def masked_neighbours(pos: np.ndarray, ptr: np.ndarray, atoms: np.ndarray, opt: 
     atoms of its own molecule (``ptr``: the molecules' first atoms) within ``radius_A``.
 
     In a molecule of at most ``max_neighbors + 1`` atoms the cap cannot bind: a listed atom's distances to every
-    atom of its molecule are computed directly (small molecules: no tree). Larger molecules share one k-d tree
-    (moved apart so no pair across molecules is within the radius). A pair of a listed and an unlisted atom is
-    found once (only the listed end is queried), so only pairs of two listed atoms, found from either end, are
-    deduplicated: the union of both ends' neighbour lists, never a pair twice. Order: the pairs with one listed
-    atom (small molecules' queries, then large ones'), then those of two listed atoms sorted."""
+    atom of its molecule are computed directly (small molecules: no tree), and a pair of two listed atoms is kept
+    from its lower end only. Larger molecules share one k-d tree (moved apart so no pair across molecules is within
+    the radius); there a pair of a listed and an unlisted atom is found once (only the listed end is queried), and
+    pairs of two listed atoms, found from either end, are deduplicated: the union of both ends' capped neighbour
+    lists, never a pair twice. Order: small molecules' pairs (by query), then large ones' with one listed atom, then
+    those of two listed atoms sorted."""
     n = len(pos)
     if len(atoms) == 0 or n < 2:
         return np.zeros((0, 2), np.int64)
@@ -232,16 +233,19 @@ def masked_neighbours(pos: np.ndarray, ptr: np.ndarray, atoms: np.ndarray, opt: 
     gid = np.repeat(np.arange(len(counts)), counts)
     g = gid[atoms]
     small = counts[g] <= opt.max_neighbors + 1
-    srcs, dsts = [], []
+    listed = np.zeros(n, bool)
+    listed[atoms] = True
+    out = []
     q = atoms[small]
     if len(q):
         c = counts[g[small]]
         cand = ranges(ptr[g[small]], c)
         src = np.repeat(q, c)
         diff = np.take(pos, cand, axis=0) - np.repeat(np.take(pos, q, axis=0), c, axis=0)
-        ok = (cand != src) & (np.einsum("ij,ij->i", diff, diff) <= opt.radius_A * opt.radius_A)
-        srcs.append(src[ok])
-        dsts.append(cand[ok])
+        ok = np.einsum("ij,ij->i", diff, diff) <= opt.radius_A * opt.radius_A
+        ok &= (cand > src) | ((cand < src) & ~listed[cand])  # no self pair; a listed pair from its lower end
+        a, b = src[ok], cand[ok]
+        out.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
     q = atoms[~small]
     if len(q):
         big = np.flatnonzero(counts > opt.max_neighbors + 1)
@@ -260,15 +264,12 @@ def masked_neighbours(pos: np.ndarray, ptr: np.ndarray, atoms: np.ndarray, opt: 
         ok = (idx < len(sub)) & (dist <= opt.radius_A)
         s, d = src[ok], sub[idx[ok]]
         keep = d != s
-        srcs.append(s[keep])
-        dsts.append(d[keep])
-    s, d = np.concatenate(srcs), np.concatenate(dsts)
-    listed = np.zeros(n, bool)
-    listed[atoms] = True
-    both = listed[d]
-    one = np.stack([np.minimum(s[~both], d[~both]), np.maximum(s[~both], d[~both])], axis=1)
-    codes = np.unique(_pair_codes(np.stack([s[both], d[both]], axis=1), n))
-    return np.concatenate([one.astype(np.int64, copy=False), np.stack([codes // n, codes % n], axis=1)])
+        s, d = s[keep], d[keep]
+        both = listed[d]
+        out.append(np.stack([np.minimum(s[~both], d[~both]), np.maximum(s[~both], d[~both])], axis=1))
+        codes = np.unique(_pair_codes(np.stack([s[both], d[both]], axis=1), n))
+        out.append(np.stack([codes // n, codes % n], axis=1))
+    return np.concatenate(out).astype(np.int64, copy=False)
 
 
 def _long_range_pairs(

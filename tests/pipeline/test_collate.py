@@ -218,3 +218,16 @@ def test_masked_neighbours_follow_the_cap_in_small_and_large_molecules(samples):
     assert found == want
     sizes = np.diff(ptr)[gid[atoms]]
     assert (sizes <= cap + 1).any() and (sizes > cap + 1).any()  # both paths ran
+
+    # the default cap (64) binds in none of the small molecules: half their atoms listed, so many pairs have two
+    # listed ends; each within-radius pair touching a listed atom exactly once
+    small = np.flatnonzero(np.diff(ptr)[gid] <= 65)
+    atoms = small[np.random.default_rng(2).random(len(small)) < 0.5]
+    pairs = masked_neighbours(pos, ptr, atoms, CollateOptions(radius_A=RADIUS))
+    found = [tuple(x) for x in pairs.tolist()]
+    listed = np.zeros(len(pos), bool)
+    listed[atoms] = True
+    i, j = np.triu_indices(len(pos), 1)
+    near = (gid[i] == gid[j]) & (listed[i] | listed[j]) & (np.linalg.norm(pos[i] - pos[j], axis=1) <= RADIUS)
+    assert len(found) == len(set(found)) and set(found) == set(zip(i[near].tolist(), j[near].tolist(), strict=True))
+    assert (listed[i[near]] & listed[j[near]]).sum() > 100
