@@ -187,7 +187,7 @@ def gather(rows: Rows) -> Block:
     """The samples of ``rows``, in row order, as one new block.
 
     The rows are grouped by source block (a stable sort); per row family one vectorised source index over all the
-    groups and one destination index, then per array and group one fancy-index read (and, from several blocks,
+    groups and one destination index, then per array and group one ``np.take`` read (and, from several blocks,
     one scatter into place): the Python work grows with the number of source blocks, never with the rows."""
     n = len(rows)
     if n == 0:
