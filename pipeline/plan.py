@@ -27,7 +27,7 @@ def rng_for(*ints: int) -> np.random.Generator:
 
 
 def read_blocks(shard: np.ndarray, offset: np.ndarray, block_bytes: int) -> np.ndarray:
-    """Read block id of every sample (samples sorted by shard, offset): the samples whose member starts in the same
+    """Read block id of every sample or block member (sorted by shard, offset): those whose member starts in the same
     ``block_bytes`` window of a shard. A read block never spans two shards and never splits a block member (its
     samples share its offset)."""
     n = len(shard)
@@ -39,16 +39,18 @@ def read_blocks(shard: np.ndarray, offset: np.ndarray, block_bytes: int) -> np.n
 
 
 def pass_order(blocks: np.ndarray, seed: int, domain: str, pass_: int) -> np.ndarray:
-    """All sample ids of a domain in the read order of one pass (blocks permuted, contiguous inside)."""
+    """All sample ids of a domain in the read order of one pass (blocks permuted, contiguous inside); int32 while
+    the ids fit (half the memory of a pass's order), int64 beyond."""
     n = len(blocks)
     if n == 0:
         return np.zeros(0, np.int64)
+    dt = np.int32 if n < 2**31 else np.int64
     starts = np.flatnonzero(np.concatenate([[True], blocks[1:] != blocks[:-1]]))
     lengths = np.diff(np.concatenate([starts, [n]]))
     perm = rng_for(seed, domain_key(domain), pass_, 0x5A5A).permutation(len(starts))
     s, ln = starts[perm], lengths[perm]
     out_start = np.concatenate([[0], np.cumsum(ln)[:-1]])
-    return np.repeat(s - out_start, ln) + np.arange(n)
+    return np.repeat((s - out_start).astype(dt), ln) + np.arange(n, dtype=dt)
 
 
 def slot_piece(order: np.ndarray, slot: int, n_slots: int, pass_: int) -> np.ndarray:

@@ -97,11 +97,11 @@ class ShardFetcher:
         ix = self.index
         ids = np.asarray(ids, np.int64)
         first, last = int(ids[0]), int(ids[-1])
-        shard = int(ix.shard[first])
-        if last - first + 1 != len(ids) or int(ix.shard[last]) != shard:
+        shard = int(ix.shard_of(first))
+        if last - first + 1 != len(ids) or int(ix.shard_of(last)) != shard:
             raise ValueError(f"read_run takes consecutive members of one shard (split with runs()); got ids "
-                             f"{first}..{last} ({len(ids)} ids) in shards {shard}..{int(ix.shard[last])}")
-        start, end = int(ix.offset[first]), int(ix.offset[last] + ix.size[last])
+                             f"{first}..{last} ({len(ids)} ids) in shards {shard}..{int(ix.shard_of(last))}")
+        start, end = int(ix.offset_of(first)), int(ix.offset_of(last) + ix.size_of(last))
         known = self._readable.get(shard)
         data = b""
         if known is None or start < known:  # else: past the known end of a faulty shard, already reported
@@ -116,13 +116,14 @@ class ShardFetcher:
                     self._fault(shard, ShardTruncatedError(
                         f"wanted bytes {start}..{end}, got {len(data)}; the shard is truncated or does not match its index"
                     ), len(ids))
-        off = ix.offset[first : last + 1]
-        cuts = np.flatnonzero(off[1:] != off[:-1]) + 1
+        member = ix.member[first : last + 1]
+        cuts = np.flatnonzero(member[1:] != member[:-1]) + 1
         bounds = [0, *cuts.tolist(), len(ids)]
         mv = memoryview(data)
         out: list[tuple[np.ndarray, bytes | None]] = []
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            o, n = int(off[lo]) - start, int(ix.size[first + lo])
+            m = int(member[lo])
+            o, n = int(ix.member_offset[m]) - start, int(ix.member_size[m])
             out.append((ids[lo:hi], bytes(mv[o : o + n]) if o + n <= len(data) else None))
         return out
 
@@ -131,7 +132,7 @@ class ShardFetcher:
         if len(ids) == 0:
             return []
         ids = np.asarray(ids, np.int64)
-        brk = np.flatnonzero((np.diff(ids) != 1) | (np.diff(self.index.shard[ids]) != 0)) + 1
+        brk = np.flatnonzero((np.diff(ids) != 1) | (np.diff(self.index.shard_of(ids)) != 0)) + 1
         return np.split(ids, brk)
 
 
@@ -139,7 +140,7 @@ def _reject(err: SchemaError, index: DomainIndex, ids: np.ndarray, bad_policy: s
     """Bad samples (all of a block, or one): raise (policy 'raise') or warn once (policy 'skip'; the caller counts
     each)."""
     what = str(index.keys[int(ids[0])]) if len(ids) == 1 else f"{len(ids)} samples from {index.keys[int(ids[0])]}"
-    msg = f"{index.shard_urls[int(index.shard[int(ids[0])])]}:{what}: {err}"
+    msg = f"{index.shard_urls[int(index.shard_of(int(ids[0])))]}:{what}: {err}"
     if bad_policy == "raise":
         raise SchemaError(f"{msg} (set data.bad_sample_policy='skip' to count and skip bad samples)") from None
     log.warning("skipping bad samples: %s", msg)
@@ -162,9 +163,9 @@ def decode_members(members: list[tuple[np.ndarray, bytes | None]], index: Domain
             yield ids, None, np.zeros(len(ids), np.int64), none
             continue
         try:
-            if verify and zlib.crc32(data) != int(index.crc32[ids[0]]):
+            if verify and zlib.crc32(data) != int(index.crc32_of(ids[0])):
                 raise SchemaError(f"crc32 {zlib.crc32(data):#010x} does not match the index's "
-                                  f"{int(index.crc32[ids[0]]):#010x}: the block is corrupt (re-fetch or re-convert the shard)")
+                                  f"{int(index.crc32_of(ids[0])):#010x}: the block is corrupt (re-fetch or re-convert the shard)")
             a, n, faults = decode_block_arrays(data)
             items = index.item[ids].astype(np.int64)
             if int(items.max()) >= n:
@@ -219,8 +220,9 @@ class DomainSource:
             raise ValueError(f"domain {index.name!r} has no {index.split} samples; drop it from data.domains")
         self.index, self.d, self.slot, self.n_slots, self.cfg, self.counters = index, d, slot, n_slots, cfg, counters
         self.fetcher = ShardFetcher(index, cfg.bad_sample_policy)
-        self._blocks = read_blocks(index.shard, index.offset, cfg.read_block_bytes)
-        self._edges = 2 * index.num_edges.astype(np.int64)  # directed radius edges of every sample
+        # read block of every sample (int32: ~4 bytes a row; a member's samples share their member's)
+        self._blocks = read_blocks(index.member_shard, index.member_offset, cfg.read_block_bytes).astype(np.int32)[
+            index.member]
         self.pass_ = 0
         self._set_pass(0, 0)
 
@@ -243,7 +245,9 @@ class DomainSource:
               pass_: int) -> Rows | None:
         if a is None or not ok.any():
             return None
-        return rows_of_block(Block.from_arrays(a), items[ok], self.d, pass_, ids[ok], self._edges[ids[ok]])
+        good = ids[ok]
+        return rows_of_block(Block.from_arrays(a), items[ok], self.d, pass_, good,
+                             2 * self.index.num_edges[good].astype(np.int64))  # directed radius edges
 
     def _fill(self) -> None:
         for _ in range(self.n_slots + 1):  # a small domain may leave this slot's piece empty for a few passes

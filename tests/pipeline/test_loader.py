@@ -153,7 +153,7 @@ def corrupt_copy(src, dst, domain):
     shutil.copytree(src, dst)
     ix = load_domain_index(str(dst), domain, "train")
     with open(ix.shard_urls[0], "r+b") as f:  # smash the safetensors header of the first member
-        f.seek(int(ix.offset[0]))
+        f.seek(int(ix.member_offset[0]))
         f.write(b"\xff" * 16)
     return ix.keys[0]
 
@@ -218,13 +218,16 @@ def test_read_run_refuses_ids_that_are_not_one_shards_consecutive_members(small_
             members = f.read_run(ids)
             assert np.array_equal(np.concatenate([m for m, _ in members]), ids)
             for m, data in members:  # each whole block member, once, holding the samples at their items
-                assert data is not None and len(data) == ix.size[m[0]] and (ix.offset[m] == ix.offset[m[0]]).all()
-                assert zlib.crc32(data) == ix.crc32[m[0]]
+                assert data is not None and len(data) == ix.size_of(m[0]) and (ix.member[m] == ix.member[m[0]]).all()
+                assert zlib.crc32(data) == ix.crc32_of(m[0])
                 assert [s.key for s in decode_block(data)[int(ix.item[m[0]]):][: len(m)]] == ix.keys.take(m)
         with pytest.raises(ValueError, match=r"consecutive members of one shard .* ids 0\.\.4 \(3 ids\)"):
             f.read_run(np.array([0, 2, 4]))
-        two = dataclasses.replace(ix, shard=np.where(np.arange(len(ix)) < 3, 0, 1).astype(np.int32),
-                                  shard_urls=ix.shard_urls * 2)
+        m0 = int(ix.member[0])  # rows 0..2 in a member of shard 0, the rest in one of shard 1
+        two = dataclasses.replace(ix, member=np.where(np.arange(len(ix)) < 3, 0, 1).astype(np.int32),
+                                  member_shard=np.array([0, 1], np.int32), shard_urls=ix.shard_urls * 2,
+                                  member_offset=ix.member_offset[[m0, m0]], member_size=ix.member_size[[m0, m0]],
+                                  member_crc32=ix.member_crc32[[m0, m0]])
         with pytest.raises(ValueError, match=r"in shards 0\.\.1"):
             ShardFetcher(two).read_run(np.arange(5))
         assert [len(r) for r in ShardFetcher(two).runs(np.arange(5))] == [3, 2]

@@ -36,7 +36,7 @@ def patch_member(root, domain: str, row: int, array: str, element: int, raw: byt
     the index's crc32 (every row of the block) and the manifest's sha256, so that only the schema validation can
     catch the damage. Returns the sample's key."""
     ix = load_domain_index(str(root), domain, "train")
-    shard, off, size = ix.shard_urls[int(ix.shard[row])], int(ix.offset[row]), int(ix.size[row])
+    shard, off, size = ix.shard_urls[int(ix.shard_of(row))], int(ix.offset_of(row)), int(ix.size_of(row))
     with open(shard, "r+b") as f:
         f.seek(off)
         data = bytearray(f.read(size))
@@ -117,8 +117,8 @@ def _block_arrays(small_shards) -> dict:
     """The arrays of the first train block of the metabolite domain (several samples)."""
     ix = load_domain_index(str(small_shards), DOMAIN, "train")
     with open(ix.shard_urls[0], "rb") as f:
-        f.seek(int(ix.offset[0]))
-        arrays, n, faults = decode_block_arrays(f.read(int(ix.size[0])))
+        f.seek(int(ix.member_offset[0]))
+        arrays, n, faults = decode_block_arrays(f.read(int(ix.member_size[0])))
     assert n > 3 and not faults
     return {k: v.copy() for k, v in arrays.items()}
 
@@ -360,13 +360,54 @@ def test_duplicate_keys_across_splits_rejected(small_shards, tmp_path):
         resolve(config(root, oversize_policy="crop"))
 
 
+@pytest.mark.parametrize("col", ["num_atoms", "num_edges"])
+def test_index_counts_past_int32_rejected(small_shards, tmp_path, col):
+    """Another writer's index may type the counts int64: a count the loader's int32 arrays cannot hold is refused,
+    naming the row, not wrapped around."""
+    def widen(cols):
+        cols[col][2] = 2**31
+
+    root = tmp_path / "root"
+    shutil.copytree(small_shards, root)
+    rel = root / "index" / f"{DOMAIN}.parquet"
+    t = pq.read_table(rel)
+    cols = {c: t[c].to_pylist() for c in t.column_names}
+    widen(cols)
+    schema = t.schema.set(t.schema.get_field_index(col), pa.field(col, pa.int64()))
+    pq.write_table(pa.table(cols, schema=schema), rel)
+    with pytest.raises(SchemaError, match=rf"row 2 .*{col} 2147483648 is not in .*\.\.2147483647"):
+        resolve(config(root, oversize_policy="crop"))
+
+
+def test_index_rows_match_the_parquet_rows(small_shards):
+    """What the loader holds once per block member (shard, byte range, crc32) gives back, for every sample, its
+    own Parquet row; members are numbered in row order and each member's rows number its samples 0, 1, 2, ..."""
+    t = pq.read_table(small_shards / "index" / f"{DOMAIN}.parquet")
+    by_key = {r["key"]: r for r in t.to_pylist()}
+    seen = 0
+    for split in ("train", "val", "test"):
+        ix = load_domain_index(str(small_shards), DOMAIN, split)
+        assert len(ix.member_offset) < len(ix) or split != "train"  # blocks hold several samples
+        assert (np.diff(ix.member) >= 0).all() and (np.diff(ix.member) <= 1).all() and ix.member[0] == 0
+        for i, key in enumerate(ix.keys):
+            r = by_key[key]
+            assert r["split"] == split
+            assert ix.shard_urls[int(ix.shard_of(i))].endswith("/" + r["shard"])
+            got = (int(ix.offset_of(i)), int(ix.size_of(i)), int(ix.crc32_of(i)), int(ix.item[i]),
+                   int(ix.num_atoms[i]), int(ix.num_edges[i]))
+            assert got == (r["offset"], r["size"], r["crc32"], r["item"], r["num_atoms"], r["num_edges"]), key
+            seen += 1
+    assert seen == t.num_rows
+
+
 def test_index_read_the_same_whatever_its_parquet_layout(small_shards, tmp_path):
     """Row groups with different shard/split dictionaries, or plain string columns, or rows in another order
     (an index from another writer) give the same sample ids, keys and arrays as the converter's own index."""
     def arrays(root):
         ixs = [load_domain_index(str(root), DOMAIN, split) for split in ("train", "val", "test")]
-        return [(ix.keys.tolist(), [u.rsplit("/", 2)[-2:] for u in ix.shard_urls], ix.shard.tolist(),
-                 ix.offset.tolist(), ix.size.tolist(), ix.num_atoms.tolist(), ix.crc32.tolist()) for ix in ixs]
+        return [(ix.keys.tolist(), [u.rsplit("/", 2)[-2:] for u in ix.shard_urls], ix.shard_of(slice(None)).tolist(),
+                 ix.offset_of(slice(None)).tolist(), ix.size_of(slice(None)).tolist(), ix.num_atoms.tolist(),
+                 ix.crc32_of(slice(None)).tolist(), ix.member.tolist(), ix.item.tolist()) for ix in ixs]
 
     want = arrays(small_shards)
     assert len(want[0][0]) > 10 and len(want[1][0]) > 0
@@ -473,10 +514,11 @@ def test_block_roundtrip_is_byte_identical(small_shards):
     """decode_block then encode_block gives the member's bytes back (the writer and the reader agree on the
     schema, metadata included), and every sample sits at its index row's item with the row's counts."""
     ix = load_domain_index(str(small_shards), DOMAIN, "train")
-    rows = np.flatnonzero((ix.shard == 0) & (ix.offset == ix.offset[0]))
+    rows = np.flatnonzero(ix.member == 0)
+    assert ix.member_shard[0] == 0 and (ix.offset_of(rows) == ix.member_offset[0]).all()
     with open(ix.shard_urls[0], "rb") as f:
-        f.seek(int(ix.offset[0]))
-        data = f.read(int(ix.size[0]))
+        f.seek(int(ix.member_offset[0]))
+        data = f.read(int(ix.member_size[0]))
     samples = decode_block(data)
     assert encode_block(samples) == data
     assert [s.key for s in samples] == ix.keys.take(rows) and ix.item[rows].tolist() == list(range(len(rows)))
@@ -491,17 +533,17 @@ def test_block_validation_rejects_exactly_the_bad_samples(small_shards):
     from pipeline.read import decode_run
 
     ix = load_domain_index(str(small_shards), DOMAIN, "train")
-    rows = np.flatnonzero((ix.shard == 0) & (ix.offset == ix.offset[0]))
+    rows = np.flatnonzero(ix.member == 0)
     with open(ix.shard_urls[0], "rb") as f:
-        f.seek(int(ix.offset[0]))
-        samples = decode_block(f.read(int(ix.size[0])))
+        f.seek(int(ix.member_offset[0]))
+        samples = decode_block(f.read(int(ix.member_size[0])))
     samples[1].z[0] = 0
     samples[3].pos[-1, 2] = np.nan
     data = encode_block(samples)
     _, n, faults = decode_block_arrays(data)
     assert n == len(rows) and list(faults) == [1, 3]
     assert "atomic number 0" in faults[1] and "not all finite" in faults[3]
-    ix.crc32[rows] = zlib.crc32(data)
+    ix.member_crc32[0] = zlib.crc32(data)
     got = decode_run([(rows, data)], ix, "skip")
     assert [g is None for g in got] == [k in (1, 3) for k in range(len(rows))]
     assert [g.key for g in got if g is not None] == [s.key for k, s in enumerate(samples) if k not in (1, 3)]

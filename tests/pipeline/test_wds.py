@@ -22,7 +22,7 @@ def _ours(root) -> dict[str, Sample]:
         for split in SPLITS:
             ix = load_domain_index(str(root), domain, split)
             for i in range(len(ix)):
-                data = storage.read_range(ix.shard_urls[int(ix.shard[i])], int(ix.offset[i]), int(ix.size[i]))
+                data = storage.read_range(ix.shard_urls[int(ix.shard_of(i))], int(ix.offset_of(i)), int(ix.size_of(i)))
                 s = decode_block(data)[int(ix.item[i])]
                 assert s.key == str(ix.keys[i])
                 out[s.key] = s

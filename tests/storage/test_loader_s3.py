@@ -110,7 +110,7 @@ def test_one_pass_through_faults_equals_local_pass(s3_env, split_shards, demo_s3
 def _flip(ix, i):
     def edit(data: bytes) -> bytes:
         b = bytearray(data)
-        b[int(ix.offset[i] + ix.size[i]) - 3] ^= 0x10  # one bit inside the member's last array
+        b[int(ix.offset_of(i) + ix.size_of(i)) - 3] ^= 0x10  # one bit inside the member's last array
         return bytes(b)
     return edit
 
@@ -125,15 +125,15 @@ def faulty_shard(split_shards: Path, kind: str):
     ix = load_domain_index(str(split_shards), dom, "train")
     shard = 1
     rel = Path(ix.shard_urls[shard]).relative_to(split_shards).as_posix()
-    ids = [i for i in range(len(ix)) if int(ix.shard[i]) == shard]
+    ids = [i for i in range(len(ix)) if int(ix.shard_of(i)) == shard]
     assert len(ids) >= 2
     if kind == "flip":  # a bit of a block member: every sample of that block is lost (its crc32 fails)
-        return dom, rel, _flip(ix, ids[0]), {ix.keys[i] for i in ids if ix.offset[i] == ix.offset[ids[0]]}
+        return dom, rel, _flip(ix, ids[0]), {ix.keys[i] for i in ids if ix.member[i] == ix.member[ids[0]]}
     if kind == "missing":
         return dom, rel, None, {ix.keys[i] for i in ids}
-    cut_at = int(ix.offset[ids[len(ids) // 2]])
+    cut_at = int(ix.offset_of(ids[len(ids) // 2]))
     cut = cut_at + 5  # inside a block member: it and every later one are lost
-    return dom, rel, _truncate(cut), {ix.keys[i] for i in ids if ix.offset[i] >= cut_at}
+    return dom, rel, _truncate(cut), {ix.keys[i] for i in ids if ix.offset_of(i) >= cut_at}
 
 
 @pytest.mark.parametrize("kind", ["flip", "truncate", "missing"])
