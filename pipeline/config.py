@@ -71,7 +71,8 @@ class DataConfig:
     pool_max_samples: int = 8192
     """Upper bound on samples held in the packing pool, samples."""
     shuffle_buffer_bytes: int = 16 * 2**20
-    """Per-domain, per-worker shuffle buffer bound, bytes of decoded sample arrays."""
+    """Per-domain, per-worker shuffle buffer bound, bytes of decoded sample arrays; a buffer starts at 1/32 of it
+    and doubles at every draw (webdataset's ``initial``), so the first batch does not wait for a full buffer."""
     read_block_bytes: int = 4 * 2**20
     """Shards are split into blocks of about this size for planning and reading, bytes."""
     train_batches_per_epoch: int | None = None

@@ -222,13 +222,31 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
         if table[c].null_count:
             row = int(np.flatnonzero(table[c].is_null().to_numpy(zero_copy_only=False))[0])
             raise _bad_row(rel, table, row, f"{c} is null")
+    _check_rows(rel, where, table, domain, shards)
+    _check_keys(rel, where, table)
+    return table
+
+
+KEY_CHECK_ROWS = 1 << 16
+"""Sorted keys compared this many at a time for duplicates (a slice of the keys at a time, not a sorted copy)."""
+
+
+def _ints(column: pa.ChunkedArray, name: str, wide: bool = False) -> np.ndarray:
+    """An integer column as numpy, in its own dtype (int64 when ``wide``: byte offsets are added), no copy if the
+    column is one chunk of that dtype; TypeError for any other type."""
+    a = column.to_numpy()
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"column {name!r} is {column.type}, not an integer column")
+    return a.astype(np.int64, copy=False) if wide else a
+
+
+def _check_rows(rel: str, where: str, table: pa.Table, domain: str, shards: dict[str, dict]) -> None:
+    """Every row names a listed shard of the row's split, lies inside its bytes, numbers its block's samples 0, 1,
+    ...; counts are in range and add up to the manifest's. Temporaries die on return (~60 B a row at the peak)."""
     try:
-        off = table["offset"].to_numpy().astype(np.int64)
-        size = table["size"].to_numpy().astype(np.int64)
-        atoms = table["num_atoms"].to_numpy().astype(np.int64)
-        edges = table["num_edges"].to_numpy().astype(np.int64)
-        item = table["item"].to_numpy().astype(np.int64)
-        crc = table["crc32"].to_numpy().astype(np.int64)
+        off, size = _ints(table["offset"], "offset", wide=True), _ints(table["size"], "size", wide=True)
+        atoms, edges = _ints(table["num_atoms"], "num_atoms"), _ints(table["num_edges"], "num_edges")
+        item, crc = _ints(table["item"], "item"), _ints(table["crc32"], "crc32", wide=True)
         names, codes = dictionary_codes(table["shard"])
         split_names, scodes = dictionary_codes(table["split"])
     except (pa.ArrowException, TypeError, ValueError) as e:
@@ -241,12 +259,13 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
             except SchemaError as e:
                 raise _bad_row(rel, table, row, str(e)) from None
             raise _bad_row(rel, table, row, f"shard {name!r} is not a {domain!r} shard listed in the manifest")
-    shard_bytes = np.array([shards[n]["bytes"] for n in names], np.int64)[codes]
+    end = off + size
+    shard_bytes = np.array([shards[n]["bytes"] for n in names], np.int64)
     for bad, what in (
         (off < 0, lambda r: f"offset {off[r]} is negative"),
         (size < 0, lambda r: f"size {size[r]} is negative"),
-        (off + size > shard_bytes, lambda r: f"offset {off[r]} + size {size[r]} is past the end of shard "
-                                             f"{names[codes[r]]!r} ({shard_bytes[r]} bytes in the manifest)"),
+        (end > shard_bytes[codes], lambda r: f"offset {off[r]} + size {size[r]} is past the end of shard "
+                                             f"{names[codes[r]]!r} ({shard_bytes[codes[r]]} bytes in the manifest)"),
         ((atoms < 1) | (atoms > INT32_MAX), lambda r: f"num_atoms {atoms[r]} is not in 1..{INT32_MAX}"),
         ((edges < 0) | (edges > INT32_MAX), lambda r: f"num_edges {edges[r]} is not in 0..{INT32_MAX}"),
         ((crc < 0) | (crc > 0xFFFFFFFF), lambda r: f"crc32 {crc[r]} is not a 32-bit checksum"),
@@ -257,12 +276,13 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
             raise _bad_row(rel, table, r, what(r))
     # rows of one block member share its byte range and crc32 and number its samples 0, 1, ...; members never overlap
     order = np.lexsort((item, off, codes))
-    o, e, c, it = off[order], (off + size)[order], codes[order], item[order]
+    o, e, c, it, cr = off[order], end[order], codes[order], item[order], crc[order]
+    del end
     same = (c[1:] == c[:-1]) & (o[1:] == o[:-1])
     for bad, what in (
         ((c[1:] == c[:-1]) & ~same & (o[1:] < e[:-1]), lambda r: f"bytes {off[r]}..{off[r] + size[r]} overlap "
                                                                 f"another row's member in shard {names[codes[r]]!r}"),
-        (same & ((e[1:] != e[:-1]) | (crc[order][1:] != crc[order][:-1])),
+        (same & ((e[1:] != e[:-1]) | (cr[1:] != cr[:-1])),
          lambda r: f"size {size[r]} or crc32 {crc[r]} differs from another row of the block at offset {off[r]}"),
         (np.where(same, it[1:] != it[:-1] + 1, it[1:] != 0),
          lambda r: f"item {item[r]}: the rows of the block at offset {off[r]} must number its samples 0, 1, 2, ..."),
@@ -274,35 +294,45 @@ def read_index_table(root: str, domain: str, manifest: dict, options: storage.St
         r = int(order[0])
         raise _bad_row(rel, table, r, f"item {item[r]}: the rows of the block at offset {off[r]} must number its "
                                       "samples 0, 1, 2, ...")
+    del order, o, e, c, it, cr, same
     want_split = np.array([split_names.index(shards[n]["split"]) if shards[n]["split"] in split_names else -1
-                           for n in names], np.int64)[codes]
-    if (want_split != scodes).any():
-        r = int(np.flatnonzero(want_split != scodes)[0])
+                           for n in names], np.int32)
+    wrong = want_split[codes] != scodes
+    if wrong.any():
+        r = int(np.flatnonzero(wrong)[0])
         raise _bad_row(rel, table, r, f"split {split_names[scodes[r]]!r} but its shard {names[codes[r]]!r} is a "
                                       f"{shards[names[codes[r]]]['split']!r} shard in the manifest")
     per_shard = np.bincount(codes, minlength=len(names))
+    position = {name: k for k, name in enumerate(names)}  # not names.index: quadratic in the shards (1.5 s at 10 k)
     for path, sh in shards.items():
-        got = int(per_shard[names.index(path)]) if path in names else 0
+        got = int(per_shard[position[path]]) if path in position else 0
         if got != sh["samples"]:
             raise SchemaError(f"{where}: {got} rows for shard {path!r}, the manifest says {sh['samples']} samples; "
                               "index rows are missing or extra: re-convert the data")
-    keys = table["key"].combine_chunks()
+
+
+def _check_keys(rel: str, where: str, table: pa.Table) -> None:
+    """Keys are 1..MAX_KEY_BYTES bytes and unique: sorted, equal keys are neighbours (a hash set took ~350 B a row);
+    the sorted order is compared a slice at a time."""
+    keys = table["key"]
     try:
-        key_bytes = pc.binary_length(keys).to_numpy(zero_copy_only=False)
+        key_bytes = pc.binary_length(keys).to_numpy()
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise SchemaError(f"{where}: column 'key' is not a string column ({e}); re-convert the data") from None
     if (key_bytes > MAX_KEY_BYTES).any() or (key_bytes == 0).any():
         r = int(np.flatnonzero((key_bytes > MAX_KEY_BYTES) | (key_bytes == 0))[0])
         raise _bad_row(rel, table, r, f"key of {key_bytes[r]} bytes (a key has 1..{MAX_KEY_BYTES})")
-    by_key = pc.sort_indices(keys)  # sorted, equal keys are neighbours (a hash set took ~350 B a row)
-    ordered = keys.take(by_key)
-    same = pc.equal(ordered[1:], ordered[:-1]).to_numpy(zero_copy_only=False)
-    if same.any():
-        j = int(np.flatnonzero(same)[0])
-        first, second = sorted(by_key.to_numpy()[[j, j + 1]].tolist())
-        raise _bad_row(rel, table, second, f"key {ordered[j].as_py()!r} is also on row {first} (duplicate keys: the "
-                                           "same sample would be read twice, or land in two splits)")
-    return table
+    del key_bytes
+    by_key = pc.sort_indices(keys).to_numpy()
+    for lo in range(0, len(by_key) - 1, KEY_CHECK_ROWS):
+        ids = by_key[lo : lo + KEY_CHECK_ROWS + 1]
+        ordered = keys.take(pa.array(ids))
+        same = pc.equal(ordered[1:], ordered[:-1]).to_numpy(zero_copy_only=False)
+        if same.any():
+            j = int(np.flatnonzero(same)[0])
+            first, second = sorted(ids[[j, j + 1]].tolist())
+            raise _bad_row(rel, table, second, f"key {ordered[j].as_py()!r} is also on row {first} (duplicate keys: "
+                                               "the same sample would be read twice, or land in two splits)")
 
 
 def load_domain_index(root: str, domain: str, split: str, manifest: dict | None = None,

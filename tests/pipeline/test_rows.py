@@ -114,6 +114,39 @@ def test_shuffle_buffer_gives_each_sample_once_per_pass_and_pins_little(small_sh
     assert first != sorted(first)  # shuffled
 
 
+def test_shuffle_buffer_warms_up_then_holds_its_bound(small_shards):
+    """The first take reads about 1/2**WARMUP_SHIFT of the bound (the first batch needs no full buffer), the bound
+    doubles at every take up to the capacity, and a buffer restored mid-warm-up continues the same stream."""
+    from pipeline.mix import WARMUP_SHIFT
+
+    capacity = 3_000_000  # the demo's proteins: 9 train members of 0.27-1.3 MB, 4.9 MB in all
+    src, _ = _source(small_shards, "protein")
+    buf = ShuffleBuffer(src, capacity, np.random.default_rng(3))
+    buf.take(1)
+    biggest = max(b.nbytes for b in buf.rows.blocks)
+    assert 0 < buf.nbytes <= (capacity >> WARMUP_SHIFT) + biggest  # what the first take read, less the sample out
+    bounds = [buf.bound]
+    for _ in range(WARMUP_SHIFT + 1):
+        buf.take(1)
+        bounds.append(buf.bound)
+    assert bounds == [min(capacity, (capacity >> WARMUP_SHIFT) << k) for k in range(1, WARMUP_SHIFT + 3)]
+    assert bounds[-1] == capacity and buf.nbytes >= capacity // 2
+
+    def stream(cut):
+        src, _ = _source(small_shards, "protein")
+        buf = ShuffleBuffer(src, capacity, np.random.default_rng(3))
+        got = [buf.take(3).idx.tolist() for _ in range(cut)]
+        if cut:  # restore into a new buffer over a new source at the same cursor
+            st, src_state = buf.state_dict(), src.state_dict()
+            src, _ = _source(small_shards, "protein")
+            src.load_state_dict(src_state)
+            buf = ShuffleBuffer(src, capacity, np.random.default_rng(99))
+            buf.load_state_dict(st)
+        return got + [buf.take(3).idx.tolist() for _ in range(8 - cut)]
+
+    assert stream(2) == stream(0)
+
+
 def test_the_pool_pins_little_beyond_the_shuffle_buffers_blocks(small_shards):
     """The packer's pool references the shuffle buffer's blocks without copying; blocks only the pool still holds
     are compacted, so they never pin much more than the pool's samples in them (plus what the last batch took)."""

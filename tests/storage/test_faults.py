@@ -87,6 +87,7 @@ def test_http_through_faults(tmp_path, objects, ranges):
     storage.stats.reset()
     with FolderServer(str(tmp_path), ranges=ranges) as server, \
             FaultProxy(server.url, rate=0.4, seed=5, stall_s=1.5) as proxy:
-        read_all(objects, fast_options(), root=proxy.endpoint)
+        # a 1 s read timeout: stalls (1.5 s) still time out, a slow answer on a loaded 2-core box (0.4 s) does not
+        read_all(objects, fast_options(read_timeout_s=1.0), root=proxy.endpoint)
         assert proxy.counts["faults"] > 0
         assert storage.stats["retries"] == proxy.counts["faults"]
