@@ -242,7 +242,7 @@ def _ints(column: pa.ChunkedArray, name: str, wide: bool = False) -> np.ndarray:
 
 def _check_rows(rel: str, where: str, table: pa.Table, domain: str, shards: dict[str, dict]) -> None:
     """Every row names a listed shard of the row's split, lies inside its bytes, numbers its block's samples 0, 1,
-    ...; counts are in range and add up to the manifest's. Temporaries die on return (~60 B a row at the peak)."""
+    ...; counts are in range and add up to the manifest's. Its temporaries die on return, before the keys are checked."""
     try:
         off, size = _ints(table["offset"], "offset", wide=True), _ints(table["size"], "size", wide=True)
         atoms, edges = _ints(table["num_atoms"], "num_atoms"), _ints(table["num_edges"], "num_edges")
