@@ -179,7 +179,7 @@ def train_stream(
         rng = rng_for(cfg.seed, 0x5B0F, domain_key(indexes[d].name), slot)
         # never more than about one pass of this slot: a buffer must not hold a sample twice (a lower bound of
         # the pass's bytes, which Rows.nbytes counts: 13 bytes an atom, 8 a stored pair, bonds left out)
-        per_slot = int((13 * indexes[d].num_atoms.astype(np.int64) + 8 * indexes[d].num_edges).sum()) // n_slots
+        per_slot = int((13 * indexes[d].num_atoms.astype(np.int64) + 8 * indexes[d].num_edges.astype(np.int64)).sum()) // n_slots
         buffers[d] = ShuffleBuffer(sources[d], min(cfg.shuffle_buffer_bytes, per_slot), rng)
     budget = budget_of(cfg)
     if cfg.cross_domain_batches:

@@ -364,15 +364,12 @@ def test_duplicate_keys_across_splits_rejected(small_shards, tmp_path):
 def test_index_counts_past_int32_rejected(small_shards, tmp_path, col):
     """Another writer's index may type the counts int64: a count the loader's int32 arrays cannot hold is refused,
     naming the row, not wrapped around."""
-    def widen(cols):
-        cols[col][2] = 2**31
-
     root = tmp_path / "root"
     shutil.copytree(small_shards, root)
     rel = root / "index" / f"{DOMAIN}.parquet"
     t = pq.read_table(rel)
     cols = {c: t[c].to_pylist() for c in t.column_names}
-    widen(cols)
+    cols[col][2] = 2**31
     schema = t.schema.set(t.schema.get_field_index(col), pa.field(col, pa.int64()))
     pq.write_table(pa.table(cols, schema=schema), rel)
     with pytest.raises(SchemaError, match=rf"row 2 .*{col} 2147483648 is not in .*\.\.2147483647"):
